@@ -1,0 +1,261 @@
+"""Point distribution model (DESIGN.md, "Point distribution model").
+
+A shape is (n, 2) in (x, y). Vectorised shapes interleave the coordinates:
+``vec(s) = [x_0, y_0, x_1, y_1, ...]`` (length 2n), so the weight matrix of the fit is
+``W = diag(w_x0, w_y0, w_x1, ...)``.
+
+The model is linear: ``vec(s) = vec(mean) + basis @ p`` with an orthonormal basis
+``basis = [b1..b4, Phi']`` (2n x (4 + m)): four similarity vectors (scale/rotation of the mean,
+x and y translation) followed by the m PCA modes orthonormalised against them. The prior
+``Lambda~^-1 = diag(0, 0, 0, 0, 1/lambda_1, ..., 1/lambda_m)`` leaves the similarity part free.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+FORMAT = "ectfast-pdm"
+VERSION = 1
+N_SIMILARITY = 4
+REFERENCE_DIAGONAL = 200.0
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v)
+
+
+def procrustes_align(shape: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Similarity transform (scale, rotation, translation; no reflection) of ``shape`` onto
+    ``target`` minimising the squared distance. Both (n, 2)."""
+    mu_s, mu_t = shape.mean(0), target.mean(0)
+    a, b = shape - mu_s, target - mu_t
+    # complex form: b ~ z * a with z = s * e^{i theta}
+    za = a[:, 0] + 1j * a[:, 1]
+    zb = b[:, 0] + 1j * b[:, 1]
+    z = np.vdot(za, zb) / np.vdot(za, za).real
+    out = z * za
+    return np.stack([out.real, out.imag], 1) + mu_t
+
+
+def generalized_procrustes(shapes: np.ndarray, iterations: int = 100, tol: float = 1e-10) -> tuple:
+    """Generalized Procrustes analysis. Returns (mean (n,2) centred with unit norm, aligned
+    (N, n, 2) in the mean's frame)."""
+    mean = shapes[0] - shapes[0].mean(0)
+    mean = mean / np.linalg.norm(mean)
+    aligned = shapes
+    for _ in range(iterations):
+        aligned = np.stack([procrustes_align(s, mean) for s in shapes])
+        new_mean = aligned.mean(0)
+        new_mean = new_mean - new_mean.mean(0)
+        # keep the reference orientation and unit size: re-align the new mean to the old one
+        new_mean = procrustes_align(new_mean, mean)
+        new_mean = new_mean - new_mean.mean(0)
+        new_mean = new_mean / np.linalg.norm(new_mean)
+        delta = np.linalg.norm(new_mean - mean)
+        mean = new_mean
+        if delta < tol:
+            break
+    aligned = np.stack([procrustes_align(s, mean) for s in shapes])
+    return mean, aligned
+
+
+def similarity_basis(mean: np.ndarray) -> np.ndarray:
+    """Orthonormal 2n x 4 basis of the similarity transforms of the centred mean shape."""
+    n = mean.shape[0]
+    c = mean - mean.mean(0)
+    b1 = c.reshape(-1)
+    b2 = np.stack([-c[:, 1], c[:, 0]], 1).reshape(-1)
+    b3 = np.tile([1.0, 0.0], n)
+    b4 = np.tile([0.0, 1.0], n)
+    return gram_schmidt(np.stack([b1, b2, b3, b4], 1))
+
+
+def gram_schmidt(columns: np.ndarray, against: Optional[np.ndarray] = None) -> np.ndarray:
+    """Modified Gram-Schmidt (twice, for stability) of the columns, optionally against an
+    orthonormal set; keeps the column order (so PCA modes keep their eigenvalues)."""
+    out = []
+    prev = [] if against is None else [against[:, j] for j in range(against.shape[1])]
+    for j in range(columns.shape[1]):
+        v = columns[:, j].astype(np.float64).copy()
+        for _ in range(2):
+            for u in prev + out:
+                v -= np.dot(u, v) * u
+        out.append(_unit(v))
+    return np.stack(out, 1)
+
+
+@dataclass(frozen=True)
+class PDM:
+    """A 2-D point distribution model with a similarity part.
+
+    Attributes: ``mean`` (n, 2) in the reference frame (centred, bounding-box diagonal 200),
+    ``basis`` (2n, 4 + m) orthonormal, ``eigenvalues`` (m,) descending, ``noise_variance``
+    (mean of the discarded eigenvalues, the rho~ of the tuning step).
+    """
+
+    mean: np.ndarray
+    basis: np.ndarray
+    eigenvalues: np.ndarray
+    noise_variance: float
+
+    def __post_init__(self):
+        validate_arrays(self.mean, self.basis, self.eigenvalues, self.noise_variance)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def n_landmarks(self) -> int:
+        return int(self.mean.shape[0])
+
+    @property
+    def n_components(self) -> int:
+        """Number of non-rigid modes m."""
+        return int(self.eigenvalues.shape[0])
+
+    @property
+    def n_params(self) -> int:
+        return N_SIMILARITY + self.n_components
+
+    @property
+    def prior_inverse(self) -> np.ndarray:
+        """diag of Lambda~^-1: zeros for the similarity part, 1/lambda for the modes."""
+        return np.concatenate([np.zeros(N_SIMILARITY), 1.0 / self.eigenvalues])
+
+    # ------------------------------------------------------------------ model
+    def shape(self, params: np.ndarray) -> np.ndarray:
+        """s = mean + basis @ p for params (..., 4 + m) -> (..., n, 2)."""
+        p = np.asarray(params, dtype=np.float64)
+        v = self.mean.reshape(-1) + p @ self.basis.T
+        return v.reshape(p.shape[:-1] + (self.n_landmarks, 2))
+
+    def project(self, shapes: np.ndarray) -> np.ndarray:
+        """Least-squares params of shapes (..., n, 2) without prior: basis^T (s - mean)."""
+        s = np.asarray(shapes, dtype=np.float64)
+        return (s.reshape(s.shape[:-2] + (-1,)) - self.mean.reshape(-1)) @ self.basis
+
+    def best_fit(self, shapes: np.ndarray) -> np.ndarray:
+        """The closest shape the model can represent (orthogonal projection)."""
+        return self.shape(self.project(shapes))
+
+    def checksum(self) -> str:
+        h = hashlib.sha256()
+        for a in (self.mean, self.basis, self.eigenvalues, np.float64(self.noise_variance)):
+            h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+        return h.hexdigest()[:16]
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_shapes(cls, shapes, n_components: int = 30) -> "PDM":
+        """Build by GPA + PCA + orthonormal similarity basis from training shapes (N, n, 2)."""
+        s = np.asarray(shapes, dtype=np.float64)
+        if s.ndim != 3 or s.shape[2] != 2:
+            raise ValueError(f"shapes: expected (N, n, 2), got shape {s.shape}")
+        N, n, _ = s.shape
+        if n < 3:
+            raise ValueError(f"shapes: need at least 3 landmarks, got {n}")
+        if not np.isfinite(s).all():
+            raise ValueError("shapes: non-finite coordinates")
+        max_modes = 2 * n - N_SIMILARITY
+        if not (isinstance(n_components, (int, np.integer)) and 1 <= n_components < max_modes):
+            raise ValueError(f"n_components: expected an int in [1, {max_modes - 1}], got {n_components!r}")
+        if N <= n_components:
+            raise ValueError(f"shapes: need more than n_components={n_components} shapes, got {N}")
+        mean, aligned = generalized_procrustes(s)
+        lo, hi = mean.min(0), mean.max(0)
+        scale = REFERENCE_DIAGONAL / np.linalg.norm(hi - lo)
+        mean = mean * scale
+        aligned = aligned * scale
+        X = aligned.reshape(N, -1) - mean.reshape(-1)
+        cov = X.T @ X / (N - 1)
+        evals, evecs = np.linalg.eigh(cov)
+        order = np.argsort(evals)[::-1]
+        evals, evecs = evals[order], evecs[:, order]
+        kept = evals[:n_components]
+        discarded = evals[n_components:max_modes]
+        noise = float(np.mean(discarded))
+        sim = similarity_basis(mean)
+        modes = gram_schmidt(evecs[:, :n_components], against=sim)
+        basis = np.concatenate([sim, modes], 1)
+        return cls(mean=mean, basis=basis, eigenvalues=kept.copy(), noise_variance=noise)
+
+    # ------------------------------------------------------------------ I/O
+    def save(self, path) -> None:
+        """Save as a versioned .npz file."""
+        with open(os.fspath(path), "wb") as f:
+            np.savez(f, format=np.array(FORMAT), version=np.array(VERSION), mean=self.mean,
+                     basis=self.basis, eigenvalues=self.eigenvalues,
+                     noise_variance=np.array(self.noise_variance))
+
+    @classmethod
+    def load(cls, path) -> "PDM":
+        """Load a file written by :meth:`save`; ``ValueError`` if it is corrupt, of another
+        format or version, or inconsistent."""
+        path = os.fspath(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # zipfile.BadZipFile, OSError, ValueError, EOFError, ...
+            raise ValueError(f"{path}: not a readable PDM file ({type(e).__name__}: {e})") from None
+        missing = {"format", "version", "mean", "basis", "eigenvalues", "noise_variance"} - set(data)
+        if missing:
+            raise ValueError(f"{path}: not a PDM file (missing {sorted(missing)})")
+        if data["format"].shape != () or str(data["format"]) != FORMAT:
+            raise ValueError(f"{path}: not an ectfast PDM file (format {data['format']!r})")
+        try:
+            version = int(data["version"])
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: malformed PDM version {data['version']!r}") from None
+        if version != VERSION:
+            raise ValueError(f"{path}: PDM file version {version}, this ectfast reads version {VERSION}")
+        try:
+            noise = float(data["noise_variance"])
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: malformed noise_variance") from None
+        try:
+            return cls(mean=data["mean"], basis=data["basis"], eigenvalues=data["eigenvalues"],
+                       noise_variance=noise)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
+def validate_arrays(mean, basis, eigenvalues, noise_variance) -> None:
+    """Check a PDM's arrays for consistency; ``ValueError`` naming what is wrong."""
+    for name, a in (("mean", mean), ("basis", basis), ("eigenvalues", eigenvalues)):
+        if not isinstance(a, np.ndarray) or a.dtype != np.float64:
+            raise ValueError(f"PDM {name}: expected a float64 ndarray, got {type(a).__name__} "
+                             f"{getattr(a, 'dtype', '')}")
+        if not np.isfinite(a).all():
+            raise ValueError(f"PDM {name}: non-finite values")
+    if mean.ndim != 2 or mean.shape[1] != 2 or mean.shape[0] < 3:
+        raise ValueError(f"PDM mean: expected (n, 2) with n >= 3, got {mean.shape}")
+    n = mean.shape[0]
+    if eigenvalues.ndim != 1 or eigenvalues.shape[0] < 1:
+        raise ValueError(f"PDM eigenvalues: expected (m,) with m >= 1, got {eigenvalues.shape}")
+    m = eigenvalues.shape[0]
+    if basis.shape != (2 * n, N_SIMILARITY + m):
+        raise ValueError(f"PDM basis: expected ({2 * n}, {N_SIMILARITY + m}), got {basis.shape}")
+    if not (eigenvalues > 0).all():
+        raise ValueError("PDM eigenvalues: must all be positive")
+    if not (np.isfinite(noise_variance) and noise_variance > 0):
+        raise ValueError(f"PDM noise_variance: must be a positive number, got {noise_variance!r}")
+    gram = basis.T @ basis
+    if not np.allclose(gram, np.eye(gram.shape[0]), atol=1e-6):
+        raise ValueError("PDM basis: columns are not orthonormal")
+
+
+_DEFAULT: Optional[PDM] = None
+DEFAULT_PDM_PATH = os.path.join(os.path.dirname(__file__), "data", "pdm_300w.npz")
+
+
+def default_pdm() -> PDM:
+    """The PDM shipped with the package (built from the 2012 300-W training shapes; see
+    ``tools/build_pdm.py``)."""
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = PDM.load(DEFAULT_PDM_PATH)
+    return _DEFAULT

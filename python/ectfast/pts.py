@@ -1,0 +1,107 @@
+"""Reading and writing 68-point ``.pts`` landmark files.
+
+Two forms are accepted:
+
+* the standard form of the iBUG 300-W release::
+
+      version: 1
+      n_points:  68
+      {
+      x y
+      ...
+      }
+
+* a header-less form: one ``x y`` pair per line (some official .pts files have no header).
+
+Coordinates in ``.pts`` files are 1-based pixel coordinates (the top-left pixel centre is
+(1, 1)). ectfast works with 0-based pixel centres, so :func:`read_pts` subtracts 1 and
+:func:`write_pts` adds it back unless ``one_based=True`` is passed.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Union
+
+import numpy as np
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_PAIR = re.compile(rf"^\s*({_NUMBER})[\s,;]+({_NUMBER})\s*$")
+
+
+def parse_pts(text: str, *, source: str = "<string>", one_based: bool = False) -> np.ndarray:
+    """Parse the text of a ``.pts`` file into an (n, 2) float64 array of (x, y).
+
+    Raises ``ValueError`` naming ``source`` when the text is not a .pts file: a bad line, a
+    point count that disagrees with the ``n_points`` header, no points, or non-finite values.
+    """
+    n_header = None
+    points = []
+    in_braces = False
+    saw_brace = False
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        low = line.lower()
+        if low.startswith("version"):
+            continue
+        if low.startswith("n_points"):
+            m = re.match(r"n_points\s*:?\s*(\d+)\s*$", low)
+            if not m:
+                raise ValueError(f"{source}:{lineno}: malformed n_points header {line!r}")
+            n_header = int(m.group(1))
+            continue
+        if line == "{":
+            in_braces, saw_brace = True, True
+            continue
+        if line == "}":
+            in_braces = False
+            continue
+        m = _PAIR.match(line)
+        if not m:
+            raise ValueError(f"{source}:{lineno}: expected 'x y', got {line!r}")
+        if saw_brace and not in_braces:
+            raise ValueError(f"{source}:{lineno}: point after the closing brace")
+        points.append((float(m.group(1)), float(m.group(2))))
+    if not points:
+        raise ValueError(f"{source}: no landmark points found")
+    if n_header is not None and n_header != len(points):
+        raise ValueError(f"{source}: header says n_points {n_header} but {len(points)} points were read")
+    arr = np.asarray(points, dtype=np.float64)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{source}: non-finite coordinates")
+    return arr if one_based else arr - 1.0
+
+
+def read_pts(path: PathLike, *, one_based: bool = False) -> np.ndarray:
+    """Read a ``.pts`` file (with or without header) as (n, 2) float64, 0-based by default."""
+    path = os.fspath(path)
+    try:
+        with open(path, "r", encoding="utf-8", errors="strict") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a text .pts file ({e})") from None
+    return parse_pts(text, source=path, one_based=one_based)
+
+
+def format_pts(points: np.ndarray, *, one_based: bool = False) -> str:
+    """The standard-form text of a .pts file for (n, 2) 0-based points."""
+    pts = np.asarray(points, dtype=np.float64)
+    if pts.ndim != 2 or pts.shape[1] != 2 or pts.shape[0] == 0:
+        raise ValueError(f"points: expected an (n, 2) array with n > 0, got shape {pts.shape}")
+    if not np.isfinite(pts).all():
+        raise ValueError("points: non-finite coordinates")
+    if not one_based:
+        pts = pts + 1.0
+    body = "\n".join(f"{x:.3f} {y:.3f}" for x, y in pts)
+    return f"version: 1\nn_points:  {len(pts)}\n{{\n{body}\n}}\n"
+
+
+def write_pts(path: PathLike, points: np.ndarray, *, one_based: bool = False) -> None:
+    """Write (n, 2) 0-based points as a standard-form ``.pts`` file (1-based inside)."""
+    text = format_pts(points, one_based=one_based)
+    with open(os.fspath(path), "w", encoding="utf-8") as f:
+        f.write(text)
