@@ -1,0 +1,468 @@
+// The C++/Eigen CPU backend of ectfast.fit (see fit_cpu.hpp and python/ectfast/_reference.py).
+#include "fit_cpu.hpp"
+
+#include <Eigen/Dense>
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "parallel.hpp"
+
+namespace ectfast {
+
+namespace {
+
+using RowMat = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+// Items (maps or landmarks) per thread below which threading does not pay.
+constexpr int64_t kMapsPerThread = 4;
+constexpr int64_t kPatchesPerThread = 64;
+constexpr int64_t kFacesPerThread = 4;
+
+double sigmoid(double z) {  // the reference's numerically safe form
+  if (z >= 0) return 1.0 / (1.0 + std::exp(-z));
+  const double e = std::exp(z);
+  return e / (1.0 + e);
+}
+
+// One axis of the FCN's bilinear upsampling (a transposed convolution, kernel 2f, stride f,
+// padding f/2, weights K[j] = 1 - |j - (2f - 1)/2| / f): output o reads input `hi` with weight
+// w_hi and input hi - 1 with weight w_lo (index -1: absent).
+struct Taps {
+  int64_t hi, lo;
+  double w_hi, w_lo;
+};
+
+double kernel_weight(int64_t j, int f) {  // K[j], computed as _reference.upsample_matrix does
+  return 1.0 - std::abs(static_cast<double>(j) - (2.0 * f - 1.0) / 2.0) / f;
+}
+
+Taps taps(int64_t o, int64_t size, int f) {
+  const int64_t hi = (o + f / 2) / f;
+  const int64_t j = o + f / 2 - f * hi;  // in [0, f)
+  Taps t{-1, -1, 0.0, 0.0};
+  if (hi < size) {
+    t.hi = hi;
+    t.w_hi = kernel_weight(j, f);
+  }
+  if (hi - 1 >= 0 && hi - 1 < size) {
+    t.lo = hi - 1;
+    t.w_lo = kernel_weight(j + f, f);
+  }
+  return t;
+}
+
+template <class T>
+inline double interp_x(const T* row, const Taps& tx) {
+  double v = 0.0;
+  if (tx.hi >= 0) v += tx.w_hi * static_cast<double>(row[tx.hi]);
+  if (tx.lo >= 0) v += tx.w_lo * static_cast<double>(row[tx.lo]);
+  return v;
+}
+
+// The upsampled value at output (ty, tx) of a small map with row stride w: contract x first,
+// then y, in double, rounded to T (what _reference.upsample stores).
+template <class T>
+inline T upsampled_value(const T* small, int64_t w, const Taps& ty, const Taps& tx) {
+  double v = 0.0;
+  if (ty.hi >= 0) v += ty.w_hi * interp_x(small + ty.hi * w, tx);
+  if (ty.lo >= 0) v += ty.w_lo * interp_x(small + ty.lo * w, tx);
+  return static_cast<T>(v);
+}
+
+void patch_bounds(int64_t H, int64_t W, double x, double y, int64_t r, Patch& p) {
+  const int64_t h = r / 2;
+  p.cx = static_cast<int64_t>(std::floor(x + 0.5));
+  p.cy = static_cast<int64_t>(std::floor(y + 0.5));
+  p.x0 = std::max<int64_t>(p.cx - h, 0);
+  p.y0 = std::max<int64_t>(p.cy - h, 0);
+  const int64_t x1 = std::min<int64_t>(p.cx + h + 1, W);
+  const int64_t y1 = std::min<int64_t>(p.cy + h + 1, H);
+  p.nx = std::max<int64_t>(x1 - p.x0, 0);
+  p.ny = std::max<int64_t>(y1 - p.y0, 0);
+  if (p.nx == 0 || p.ny == 0) p.nx = p.ny = 0;
+  p.buf.resize(static_cast<size_t>(p.nx * p.ny));
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------ Estimation
+
+template <class T>
+ArgmaxResult argmax_map(const T* v, int64_t count) {
+  // Blocks of kBlock values: a vectorisable per-lane max and finiteness sum (x - x is 0 for
+  // finite x, NaN otherwise), then a scan of the first block that reached the overall maximum
+  // for its first occurrence. Lane maxima use `x > m ? x : m`, which compiles to (v)maxps/pd.
+  constexpr int kLanes = 32 / sizeof(T);
+  constexpr int64_t kBlock = 2048;
+  if (count <= 0) return {0, true};
+  T zero[kLanes];
+  for (int l = 0; l < kLanes; ++l) zero[l] = T(0);
+  T best = v[0];
+  int64_t best_block = 0;
+  for (int64_t s = 0; s < count; s += kBlock) {
+    const int64_t e = std::min(count, s + kBlock);
+    T m[kLanes];
+    for (int l = 0; l < kLanes; ++l) m[l] = v[s];
+    int64_t j = s;
+    for (; j + kLanes <= e; j += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        const T x = v[j + l];
+        m[l] = x > m[l] ? x : m[l];
+        zero[l] += x - x;
+      }
+    }
+    for (; j < e; ++j) {
+      const T x = v[j];
+      m[0] = x > m[0] ? x : m[0];
+      zero[0] += x - x;
+    }
+    T bm = m[0];
+    for (int l = 1; l < kLanes; ++l) bm = m[l] > bm ? m[l] : bm;
+    if (bm > best) {
+      best = bm;
+      best_block = s;
+    }
+  }
+  bool finite = true;
+  for (int l = 0; l < kLanes; ++l) finite = finite && (zero[l] == T(0));
+  const int64_t e = std::min(count, best_block + kBlock);
+  for (int64_t j = best_block; j < e; ++j)
+    if (v[j] == best) return {j, finite};
+  return {best_block, finite};  // only reached when best is NaN (finite is then false)
+}
+
+template <class T>
+int64_t argmax_batch(const T* maps, int64_t B, int64_t n, int64_t H, int64_t W, double* peaks,
+                     int threads) {
+  const int64_t items = B * n, hw = H * W;
+  std::vector<char> bad(static_cast<size_t>(items), 0);
+  parallel_for(items, threads, kMapsPerThread, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const ArgmaxResult r = argmax_map(maps + m * hw, hw);
+      peaks[2 * m] = static_cast<double>(r.index % W);
+      peaks[2 * m + 1] = static_cast<double>(r.index / W);
+      bad[static_cast<size_t>(m)] = !r.finite;
+    }
+  });
+  int64_t count = 0;
+  for (char c : bad) count += c;
+  return count;
+}
+
+template <class T>
+int64_t argmax_upsampled_batch(const T* small, int64_t B, int64_t n, int64_t h, int64_t w,
+                               int f, double* peaks, int threads) {
+  // The upsampled map is tiled by the f x f output blocks that read the same 2 x 2 inputs:
+  // tile (i, k) covers output rows [f i - f/2, f i - f/2 + f) and columns likewise, and reads
+  // small rows i - 1, i and columns k - 1, k. Its values are convex combinations (weights >= 0,
+  // summing to <= 1) of those inputs, so none exceeds max(0, their maximum). The tiles around
+  // the small map's maximum give an achieved value V; tiles whose bound is clearly below V
+  // (a margin covers rounding) cannot hold the maximum or a tie, and are skipped. Every other
+  // tile is evaluated exactly as upsample_map would, keeping the first maximum in row-major
+  // order of the upsampled map.
+  const int64_t H = h * f, W = w * f, items = B * n;
+  std::vector<Taps> ty(static_cast<size_t>(H)), tx(static_cast<size_t>(W));
+  for (int64_t o = 0; o < H; ++o) ty[static_cast<size_t>(o)] = taps(o, h, f);
+  for (int64_t o = 0; o < W; ++o) tx[static_cast<size_t>(o)] = taps(o, w, f);
+  std::vector<char> bad(static_cast<size_t>(items), 0);
+  parallel_for(items, threads, kMapsPerThread, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const T* map = small + m * h * w;
+      const ArgmaxResult sm = argmax_map(map, h * w);
+      bad[static_cast<size_t>(m)] = !sm.finite;
+      T best = T(0);
+      int64_t best_idx = -1;
+      auto eval_tile = [&](int64_t i, int64_t k) {
+        const int64_t o0 = std::max<int64_t>(f * i - f / 2, 0), o1 = std::min<int64_t>(f * i - f / 2 + f, H);
+        const int64_t p0 = std::max<int64_t>(f * k - f / 2, 0), p1 = std::min<int64_t>(f * k - f / 2 + f, W);
+        for (int64_t o = o0; o < o1; ++o)
+          for (int64_t p = p0; p < p1; ++p) {
+            const T v = upsampled_value(map, w, ty[static_cast<size_t>(o)], tx[static_cast<size_t>(p)]);
+            const int64_t idx = o * W + p;
+            if (best_idx < 0 || v > best || (v == best && idx < best_idx)) {
+              best = v;
+              best_idx = idx;
+            }
+          }
+      };
+      if (!sm.finite) {
+        peaks[2 * m] = peaks[2 * m + 1] = 0.0;
+        continue;
+      }
+      const int64_t si = sm.index / w, sk = sm.index % w;
+      for (int64_t i = si; i <= si + 1; ++i)
+        for (int64_t k = sk; k <= sk + 1; ++k) eval_tile(i, k);
+      const double V = static_cast<double>(best);
+      for (int64_t i = 0; i <= h; ++i)
+        for (int64_t k = 0; k <= w; ++k) {
+          if ((i == si || i == si + 1) && (k == sk || k == sk + 1)) continue;
+          if (V > 0.0) {
+            double bound = 0.0;
+            for (int64_t a = i - 1; a <= i; ++a)
+              for (int64_t c = k - 1; c <= k; ++c)
+                if (a >= 0 && a < h && c >= 0 && c < w)
+                  bound = std::max(bound, static_cast<double>(map[a * w + c]));
+            if (bound * (1.0 + 1e-6) < V) continue;
+          }
+          eval_tile(i, k);
+        }
+      peaks[2 * m] = static_cast<double>(best_idx % W);
+      peaks[2 * m + 1] = static_cast<double>(best_idx / W);
+    }
+  });
+  int64_t count = 0;
+  for (char c : bad) count += c;
+  return count;
+}
+
+// ------------------------------------------------------------------ patches
+
+void clamp_point(double& x, double& y, int64_t H, int64_t W) {
+  x = std::min(std::max(x, 1.0), static_cast<double>(W) - 2.0);
+  y = std::min(std::max(y, 1.0), static_cast<double>(H) - 2.0);
+}
+
+template <class T>
+void extract_patch(const T* map, int64_t H, int64_t W, double x, double y, int64_t r, Patch& p) {
+  patch_bounds(H, W, x, y, r, p);
+  for (int64_t i = 0; i < p.ny; ++i) {
+    const T* src = map + (p.y0 + i) * W + p.x0;
+    double* dst = p.buf.data() + i * p.nx;
+    for (int64_t j = 0; j < p.nx; ++j) dst[j] = std::max(static_cast<double>(src[j]), 0.0);
+  }
+}
+
+template <class T>
+void extract_patch_upsampled(const T* small, int64_t h_small, int64_t w_small, int f, double x,
+                             double y, int64_t r, Patch& p) {
+  patch_bounds(h_small * f, w_small * f, x, y, r, p);
+  thread_local std::vector<Taps> tx;
+  tx.resize(static_cast<size_t>(p.nx));
+  for (int64_t j = 0; j < p.nx; ++j) tx[static_cast<size_t>(j)] = taps(p.x0 + j, w_small, f);
+  for (int64_t i = 0; i < p.ny; ++i) {
+    const Taps ty = taps(p.y0 + i, h_small, f);
+    double* dst = p.buf.data() + i * p.nx;
+    for (int64_t j = 0; j < p.nx; ++j)
+      dst[j] = std::max(static_cast<double>(upsampled_value(small, w_small, ty, tx[static_cast<size_t>(j)])), 0.0);
+  }
+}
+
+// ------------------------------------------------------------------ Eq. 15
+
+void patch_confidence(Patch& p, double a, double b, double& wx, double& wy) {
+  wx = wy = 0.0;
+  if (p.nx == 0) return;
+  p.col.assign(static_cast<size_t>(p.nx), 0.0);
+  p.row.assign(static_cast<size_t>(p.ny), 0.0);
+  double* col = p.col.data();
+  for (int64_t i = 0; i < p.ny; ++i) {
+    const double* src = p.buf.data() + i * p.nx;
+    double rs = 0.0;
+    for (int64_t j = 0; j < p.nx; ++j) {
+      col[j] += src[j];
+      rs += src[j];
+    }
+    p.row[static_cast<size_t>(i)] = rs;
+  }
+  double S = 0.0;
+  for (int64_t j = 0; j < p.nx; ++j) S += col[j];
+  if (!(S > 0.0)) return;
+  // Standard deviation of a marginal (coordinates relative to the patch centre; the variance
+  // does not depend on the origin), two-pass like the reference.
+  auto sd = [S](const double* mass, int64_t len, int64_t first) {
+    double mu = 0.0;
+    for (int64_t j = 0; j < len; ++j) mu += mass[j] * static_cast<double>(first + j);
+    mu /= S;
+    double var = 0.0;
+    for (int64_t j = 0; j < len; ++j) {
+      const double d = static_cast<double>(first + j) - mu;
+      var += mass[j] * d * d;
+    }
+    return std::sqrt(std::max(var / S, 0.0));
+  };
+  const double sx = sd(col, p.nx, p.x0 - p.cx);
+  const double sy = sd(p.row.data(), p.ny, p.y0 - p.cy);
+  wx = sx > 0.0 ? sigmoid(a * (S / sx - b)) : 0.0;
+  wy = sy > 0.0 ? sigmoid(a * (S / sy - b)) : 0.0;
+}
+
+double kernel_variance(double wx, double wy, double rho, bool weighted) {
+  return weighted ? 2.0 * rho / (wx + wy) : rho;
+}
+
+// ------------------------------------------------------------------ Eq. 9
+
+void mean_shift_vector(Patch& p, double x, double y, double rho_i, double& vx, double& vy) {
+  vx = vy = 0.0;
+  if (p.nx == 0) return;
+  p.gx.resize(static_cast<size_t>(p.nx));
+  p.gy.resize(static_cast<size_t>(p.ny));
+  for (int64_t j = 0; j < p.nx; ++j) {
+    const double d = static_cast<double>(p.x0 + j) - x;
+    p.gx[static_cast<size_t>(j)] = std::exp(-(d * d) / (2.0 * rho_i));
+  }
+  for (int64_t i = 0; i < p.ny; ++i) {
+    const double d = static_cast<double>(p.y0 + i) - y;
+    p.gy[static_cast<size_t>(i)] = std::exp(-(d * d) / (2.0 * rho_i));
+  }
+  // omega = patch * gy gx^T; its column sums gx_j sum_i gy_i patch_ij and row sums
+  // gy_i sum_j gx_j patch_ij give the two weighted means.
+  p.col.assign(static_cast<size_t>(p.nx), 0.0);
+  double* col = p.col.data();
+  const double* gx = p.gx.data();
+  double my = 0.0;
+  for (int64_t i = 0; i < p.ny; ++i) {
+    const double* src = p.buf.data() + i * p.nx;
+    const double g = p.gy[static_cast<size_t>(i)];
+    double rd = 0.0;
+    for (int64_t j = 0; j < p.nx; ++j) {
+      col[j] += g * src[j];
+      rd += gx[j] * src[j];
+    }
+    my += g * rd * (static_cast<double>(p.y0 + i) - y);
+  }
+  double Z = 0.0, mx = 0.0;
+  for (int64_t j = 0; j < p.nx; ++j) {
+    const double wcol = gx[j] * col[j];
+    Z += wcol;
+    mx += wcol * (static_cast<double>(p.x0 + j) - x);
+  }
+  if (!(Z > 0.0)) return;  // empty patch, or the kernel underflowed
+  vx = mx / Z;
+  vy = my / Z;
+}
+
+// ------------------------------------------------------------------ batched patch ops
+
+namespace {
+
+template <class T>
+void patch_at(const MapView<T>& mv, int64_t item, double x, double y, int64_t r, Patch& p) {
+  if (mv.factor == 1) {
+    extract_patch(mv.data + item * mv.H * mv.W, mv.H, mv.W, x, y, r, p);
+  } else {
+    const int64_t h = mv.H / mv.factor, w = mv.W / mv.factor;
+    extract_patch_upsampled(mv.data + item * h * w, h, w, mv.factor, x, y, r, p);
+  }
+}
+
+}  // namespace
+
+template <class T>
+void weights_batch(const MapView<T>& mv, const double* shape, int64_t r, double a, double b,
+                   double* w, int threads) {
+  parallel_for(mv.B * mv.n, threads, kPatchesPerThread, [&](int64_t begin, int64_t end) {
+    Patch p;
+    for (int64_t m = begin; m < end; ++m) {
+      double x = shape[2 * m], y = shape[2 * m + 1];
+      clamp_point(x, y, mv.H, mv.W);
+      patch_at(mv, m, x, y, r, p);
+      patch_confidence(p, a, b, w[2 * m], w[2 * m + 1]);
+    }
+  });
+}
+
+template <class T>
+void mean_shift_batch(const MapView<T>& mv, const double* shape, int64_t r, double a, double b,
+                      double rho, bool weighted, double* w, double* target, int threads) {
+  parallel_for(mv.B * mv.n, threads, kPatchesPerThread, [&](int64_t begin, int64_t end) {
+    Patch p;
+    for (int64_t m = begin; m < end; ++m) {
+      double x = shape[2 * m], y = shape[2 * m + 1];
+      clamp_point(x, y, mv.H, mv.W);
+      patch_at(mv, m, x, y, r, p);
+      double wx = 1.0, wy = 1.0, vx = 0.0, vy = 0.0;
+      bool informative = true;
+      if (weighted) {
+        patch_confidence(p, a, b, wx, wy);
+        informative = wx + wy > 0.0;  // else no information: v = 0 (and W = 0 here)
+      }
+      if (informative) mean_shift_vector(p, x, y, kernel_variance(wx, wy, rho, weighted), vx, vy);
+      w[2 * m] = wx;
+      w[2 * m + 1] = wy;
+      target[2 * m] = shape[2 * m] + vx;
+      target[2 * m + 1] = shape[2 * m + 1] + vy;
+    }
+  });
+}
+
+// ------------------------------------------------------------------ Eqs. 14 / 8
+
+void regularized_projection(const double* basis, const double* mean, const double* prior_inv,
+                            int64_t n2, int64_t k, double lam, const double* w,
+                            const double* target, const double* x0, double eps, double* out) {
+  Eigen::Map<const RowMat> S(basis, n2, k);
+  Eigen::Map<const Eigen::VectorXd> mu(mean, n2), t(target, n2), pinv(prior_inv, k), p0(x0, k);
+  Eigen::VectorXd e = Eigen::VectorXd::Zero(k);
+  e.head(std::min<int64_t>(4, k)).setConstant(eps);
+  Eigen::MatrixXd A(k, k);
+  Eigen::VectorXd rhs(k);
+  if (w == nullptr) {
+    A.noalias() = S.transpose() * S;
+    rhs.noalias() = S.transpose() * (t - mu);
+  } else {
+    Eigen::Map<const Eigen::VectorXd> wv(w, n2);
+    const RowMat WS = wv.asDiagonal() * S;
+    A.noalias() = S.transpose() * WS;
+    rhs.noalias() = WS.transpose() * (t - mu);
+  }
+  A.diagonal() += lam * pinv + e;
+  rhs += e.cwiseProduct(p0);
+  Eigen::Map<Eigen::VectorXd>(out, k) = A.ldlt().solve(rhs);
+}
+
+void project_batch(const double* basis, const double* mean, const double* prior_inv, int64_t n2,
+                   int64_t k, double lam, const double* w, const double* target, const double* x0,
+                   double eps, int64_t B, double* out, int threads) {
+  parallel_for(B, threads, kFacesPerThread, [&](int64_t begin, int64_t end) {
+    for (int64_t f = begin; f < end; ++f)
+      regularized_projection(basis, mean, prior_inv, n2, k, lam, w ? w + f * n2 : nullptr,
+                             target + f * n2, x0 + f * k, eps, out + f * k);
+  });
+}
+
+// ------------------------------------------------------------------ upsampling
+
+template <class T>
+void upsample_map(const T* in, int64_t H, int64_t W, int f, T* out) {
+  const int64_t Ho = H * f, Wo = W * f;
+  std::vector<Taps> tx(static_cast<size_t>(Wo));
+  for (int64_t p = 0; p < Wo; ++p) tx[static_cast<size_t>(p)] = taps(p, W, f);
+  for (int64_t o = 0; o < Ho; ++o) {
+    const Taps ty = taps(o, H, f);
+    T* dst = out + o * Wo;
+    for (int64_t p = 0; p < Wo; ++p) dst[p] = upsampled_value(in, W, ty, tx[static_cast<size_t>(p)]);
+  }
+}
+
+template <class T>
+void upsample_batch(const T* maps, int64_t B, int64_t n, int64_t H, int64_t W, int f, T* out,
+                    int threads) {
+  const int64_t in_size = H * W, out_size = in_size * f * f;
+  parallel_for(B * n, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) upsample_map(maps + m * in_size, H, W, f, out + m * out_size);
+  });
+}
+
+// ------------------------------------------------------------------ instantiations
+
+#define ECTFAST_INSTANTIATE(T)                                                                     \
+  template ArgmaxResult argmax_map<T>(const T*, int64_t);                                          \
+  template void extract_patch<T>(const T*, int64_t, int64_t, double, double, int64_t, Patch&);     \
+  template void extract_patch_upsampled<T>(const T*, int64_t, int64_t, int, double, double,        \
+                                           int64_t, Patch&);                                       \
+  template void upsample_map<T>(const T*, int64_t, int64_t, int, T*);                              \
+  template int64_t argmax_batch<T>(const T*, int64_t, int64_t, int64_t, int64_t, double*, int);    \
+  template int64_t argmax_upsampled_batch<T>(const T*, int64_t, int64_t, int64_t, int64_t, int,    \
+                                             double*, int);                                        \
+  template void weights_batch<T>(const MapView<T>&, const double*, int64_t, double, double,        \
+                                 double*, int);                                                    \
+  template void mean_shift_batch<T>(const MapView<T>&, const double*, int64_t, double, double,     \
+                                    double, bool, double*, double*, int);                          \
+  template void upsample_batch<T>(const T*, int64_t, int64_t, int64_t, int64_t, int, T*, int);
+
+ECTFAST_INSTANTIATE(float)
+ECTFAST_INSTANTIATE(double)
+
+}  // namespace ectfast
