@@ -270,7 +270,12 @@ void patch_confidence(Patch& p, double a, double b, double& wx, double& wy) {
   if (!(S > 0.0)) return;
   // Standard deviation of a marginal (coordinates relative to the patch centre; the variance
   // does not depend on the origin), two-pass like the reference.
+  // A marginal with its mass in a single column (row) has sigma = 0 exactly (weight 0, as
+  // Eq. 15's guard says); computed through mu it could come out as ~1e-15 and flip to 1.
   auto sd = [S](const double* mass, int64_t len, int64_t first) {
+    int64_t support = 0;
+    for (int64_t j = 0; j < len; ++j) support += mass[j] > 0.0;
+    if (support < 2) return 0.0;
     double mu = 0.0;
     for (int64_t j = 0; j < len; ++j) mu += mass[j] * static_cast<double>(first + j);
     mu /= S;
