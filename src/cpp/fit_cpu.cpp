@@ -5,6 +5,9 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "parallel.hpp"
 
@@ -70,6 +73,34 @@ inline T upsampled_value(const T* small, int64_t w, const Taps& ty, const Taps& 
   return static_cast<T>(v);
 }
 
+// Sum / dot product with four partial sums: a single running sum is a chain of dependent adds
+// (4 cycles each) that the compiler may not reorder without -ffast-math.
+inline double sum4(const double* a, int64_t n) {
+  double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    s0 += a[j];
+    s1 += a[j + 1];
+    s2 += a[j + 2];
+    s3 += a[j + 3];
+  }
+  for (; j < n; ++j) s0 += a[j];
+  return (s0 + s1) + (s2 + s3);
+}
+
+inline double dot4(const double* a, const double* b, int64_t n) {
+  double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    s0 += a[j] * b[j];
+    s1 += a[j + 1] * b[j + 1];
+    s2 += a[j + 2] * b[j + 2];
+    s3 += a[j + 3] * b[j + 3];
+  }
+  for (; j < n; ++j) s0 += a[j] * b[j];
+  return (s0 + s1) + (s2 + s3);
+}
+
 void patch_bounds(int64_t H, int64_t W, double x, double y, int64_t r, Patch& p) {
   const int64_t h = r / 2;
   p.cx = static_cast<int64_t>(std::floor(x + 0.5));
@@ -88,44 +119,129 @@ void patch_bounds(int64_t H, int64_t W, double x, double y, int64_t r, Patch& p)
 
 // ------------------------------------------------------------------ Estimation
 
+namespace {
+
+// The maximum of v[0..n) (n >= 1), and `zero` accumulates x - x (0 for finite x, NaN for
+// NaN/inf) so that the caller learns about non-finite values from the same pass.
+// Lane maxima use `x > m ? x : m` (= maxps/maxpd; a NaN x leaves m, which is fine: the map is
+// rejected anyway). SSE2 (x86-64 baseline) when available, a portable loop otherwise.
+#if defined(__SSE2__)
+inline float block_max(const float* v, int64_t n, __m128& zero) {
+  __m128 m0 = _mm_set1_ps(v[0]), m1 = m0, m2 = m0, m3 = m0;
+  __m128 z0 = zero, z1 = _mm_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m128 a = _mm_loadu_ps(v + j), b = _mm_loadu_ps(v + j + 4);
+    const __m128 c = _mm_loadu_ps(v + j + 8), d = _mm_loadu_ps(v + j + 12);
+    m0 = _mm_max_ps(a, m0);
+    m1 = _mm_max_ps(b, m1);
+    m2 = _mm_max_ps(c, m2);
+    m3 = _mm_max_ps(d, m3);
+    z0 = _mm_add_ps(z0, _mm_add_ps(_mm_sub_ps(a, a), _mm_sub_ps(b, b)));
+    z1 = _mm_add_ps(z1, _mm_add_ps(_mm_sub_ps(c, c), _mm_sub_ps(d, d)));
+  }
+  m0 = _mm_max_ps(_mm_max_ps(m0, m1), _mm_max_ps(m2, m3));
+  alignas(16) float lanes[4];
+  _mm_store_ps(lanes, m0);
+  float best = lanes[0];
+  for (int l = 1; l < 4; ++l) best = lanes[l] > best ? lanes[l] : best;
+  float tail = 0.0f;
+  for (; j < n; ++j) {
+    best = v[j] > best ? v[j] : best;
+    tail += v[j] - v[j];
+  }
+  zero = _mm_add_ps(_mm_add_ps(z0, z1), _mm_set_ss(tail));
+  return best;
+}
+
+inline double block_max(const double* v, int64_t n, __m128d& zero) {
+  __m128d m0 = _mm_set1_pd(v[0]), m1 = m0, m2 = m0, m3 = m0;
+  __m128d z0 = zero, z1 = _mm_setzero_pd();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m128d a = _mm_loadu_pd(v + j), b = _mm_loadu_pd(v + j + 2);
+    const __m128d c = _mm_loadu_pd(v + j + 4), d = _mm_loadu_pd(v + j + 6);
+    m0 = _mm_max_pd(a, m0);
+    m1 = _mm_max_pd(b, m1);
+    m2 = _mm_max_pd(c, m2);
+    m3 = _mm_max_pd(d, m3);
+    z0 = _mm_add_pd(z0, _mm_add_pd(_mm_sub_pd(a, a), _mm_sub_pd(b, b)));
+    z1 = _mm_add_pd(z1, _mm_add_pd(_mm_sub_pd(c, c), _mm_sub_pd(d, d)));
+  }
+  m0 = _mm_max_pd(_mm_max_pd(m0, m1), _mm_max_pd(m2, m3));
+  alignas(16) double lanes[2];
+  _mm_store_pd(lanes, m0);
+  double best = lanes[1] > lanes[0] ? lanes[1] : lanes[0];
+  double tail = 0.0;
+  for (; j < n; ++j) {
+    best = v[j] > best ? v[j] : best;
+    tail += v[j] - v[j];
+  }
+  zero = _mm_add_pd(_mm_add_pd(z0, z1), _mm_set_sd(tail));
+  return best;
+}
+
+template <class T> struct ZeroAcc;
+template <> struct ZeroAcc<float> {
+  __m128 z = _mm_setzero_ps();
+  bool finite() const { return _mm_movemask_ps(_mm_cmpneq_ps(z, _mm_setzero_ps())) == 0; }
+};
+template <> struct ZeroAcc<double> {
+  __m128d z = _mm_setzero_pd();
+  bool finite() const { return _mm_movemask_pd(_mm_cmpneq_pd(z, _mm_setzero_pd())) == 0; }
+};
+template <class T>
+inline T block_max(const T* v, int64_t n, ZeroAcc<T>& acc) { return block_max(v, n, acc.z); }
+#else
+template <class T>
+struct ZeroAcc {
+  T z[8] = {};
+  bool finite() const {
+    for (T x : z)
+      if (!(x == T(0))) return false;
+    return true;
+  }
+};
+template <class T>
+inline T block_max(const T* v, int64_t n, ZeroAcc<T>& acc) {
+  T m[8];
+  for (int l = 0; l < 8; ++l) m[l] = v[0];
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) {
+      const T x = v[j + l];
+      m[l] = x > m[l] ? x : m[l];
+      acc.z[l] += x - x;
+    }
+  for (; j < n; ++j) {
+    m[0] = v[j] > m[0] ? v[j] : m[0];
+    acc.z[0] += v[j] - v[j];
+  }
+  T best = m[0];
+  for (int l = 1; l < 8; ++l) best = m[l] > best ? m[l] : best;
+  return best;
+}
+#endif
+
+}  // namespace
+
 template <class T>
 ArgmaxResult argmax_map(const T* v, int64_t count) {
-  // Blocks of kBlock values: a vectorisable per-lane max and finiteness sum (x - x is 0 for
-  // finite x, NaN otherwise), then a scan of the first block that reached the overall maximum
-  // for its first occurrence. Lane maxima use `x > m ? x : m`, which compiles to (v)maxps/pd.
-  constexpr int kLanes = 32 / sizeof(T);
+  // Blocks of kBlock values (in L1): block maxima and the finiteness sum in one vector pass,
+  // then a scan of the first block that reached the overall maximum for its first occurrence.
   constexpr int64_t kBlock = 2048;
   if (count <= 0) return {0, true};
-  T zero[kLanes];
-  for (int l = 0; l < kLanes; ++l) zero[l] = T(0);
+  ZeroAcc<T> acc;
   T best = v[0];
   int64_t best_block = 0;
   for (int64_t s = 0; s < count; s += kBlock) {
-    const int64_t e = std::min(count, s + kBlock);
-    T m[kLanes];
-    for (int l = 0; l < kLanes; ++l) m[l] = v[s];
-    int64_t j = s;
-    for (; j + kLanes <= e; j += kLanes) {
-      for (int l = 0; l < kLanes; ++l) {
-        const T x = v[j + l];
-        m[l] = x > m[l] ? x : m[l];
-        zero[l] += x - x;
-      }
-    }
-    for (; j < e; ++j) {
-      const T x = v[j];
-      m[0] = x > m[0] ? x : m[0];
-      zero[0] += x - x;
-    }
-    T bm = m[0];
-    for (int l = 1; l < kLanes; ++l) bm = m[l] > bm ? m[l] : bm;
+    const T bm = block_max(v + s, std::min(count - s, kBlock), acc);
     if (bm > best) {
       best = bm;
       best_block = s;
     }
   }
-  bool finite = true;
-  for (int l = 0; l < kLanes; ++l) finite = finite && (zero[l] == T(0));
+  const bool finite = acc.finite();
   const int64_t e = std::min(count, best_block + kBlock);
   for (int64_t j = best_block; j < e; ++j)
     if (v[j] == best) return {j, finite};
@@ -229,7 +345,9 @@ void extract_patch(const T* map, int64_t H, int64_t W, double x, double y, int64
   for (int64_t i = 0; i < p.ny; ++i) {
     const T* src = map + (p.y0 + i) * W + p.x0;
     double* dst = p.buf.data() + i * p.nx;
-    for (int64_t j = 0; j < p.nx; ++j) dst[j] = std::max(static_cast<double>(src[j]), 0.0);
+    // vectorised and branch-free (responses are noisy around 0, a branch would mispredict)
+    Eigen::Map<Eigen::ArrayXd>(dst, p.nx) =
+        Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>(src, p.nx).template cast<double>().max(0.0);
   }
 }
 
@@ -243,8 +361,10 @@ void extract_patch_upsampled(const T* small, int64_t h_small, int64_t w_small, i
   for (int64_t i = 0; i < p.ny; ++i) {
     const Taps ty = taps(p.y0 + i, h_small, f);
     double* dst = p.buf.data() + i * p.nx;
-    for (int64_t j = 0; j < p.nx; ++j)
-      dst[j] = std::max(static_cast<double>(upsampled_value(small, w_small, ty, tx[static_cast<size_t>(j)])), 0.0);
+    for (int64_t j = 0; j < p.nx; ++j) {
+      const double v = static_cast<double>(upsampled_value(small, w_small, ty, tx[static_cast<size_t>(j)]));
+      dst[j] = v > 0.0 ? v : 0.0;
+    }
   }
 }
 
@@ -258,12 +378,8 @@ void patch_confidence(Patch& p, double a, double b, double& wx, double& wy) {
   double* col = p.col.data();
   for (int64_t i = 0; i < p.ny; ++i) {
     const double* src = p.buf.data() + i * p.nx;
-    double rs = 0.0;
-    for (int64_t j = 0; j < p.nx; ++j) {
-      col[j] += src[j];
-      rs += src[j];
-    }
-    p.row[static_cast<size_t>(i)] = rs;
+    for (int64_t j = 0; j < p.nx; ++j) col[j] += src[j];
+    p.row[static_cast<size_t>(i)] = sum4(src, p.nx);
   }
   double S = 0.0;
   for (int64_t j = 0; j < p.nx; ++j) S += col[j];
@@ -320,12 +436,8 @@ void mean_shift_vector(Patch& p, double x, double y, double rho_i, double& vx, d
   for (int64_t i = 0; i < p.ny; ++i) {
     const double* src = p.buf.data() + i * p.nx;
     const double g = p.gy[static_cast<size_t>(i)];
-    double rd = 0.0;
-    for (int64_t j = 0; j < p.nx; ++j) {
-      col[j] += g * src[j];
-      rd += gx[j] * src[j];
-    }
-    my += g * rd * (static_cast<double>(p.y0 + i) - y);
+    for (int64_t j = 0; j < p.nx; ++j) col[j] += g * src[j];
+    my += g * dot4(gx, src, p.nx) * (static_cast<double>(p.y0 + i) - y);
   }
   double Z = 0.0, mx = 0.0;
   for (int64_t j = 0; j < p.nx; ++j) {
@@ -341,6 +453,30 @@ void mean_shift_vector(Patch& p, double x, double y, double rho_i, double& vx, d
 // ------------------------------------------------------------------ batched patch ops
 
 namespace {
+
+// Asks the memory system for the rows of a landmark's patch ahead of use: the patches of
+// 256x256 maps are 31 rows in 31 different cache-line pairs, each a likely cache miss, and
+// fetching the next landmark's while this one is computed hides most of that latency.
+template <class T>
+void prefetch_patch(const MapView<T>& mv, int64_t item, const double* shape, int64_t r) {
+#if defined(__GNUC__)
+  if (mv.factor != 1) return;  // small maps: a few KB, cached
+  double x = shape[2 * item], y = shape[2 * item + 1];
+  clamp_point(x, y, mv.H, mv.W);
+  const int64_t h = r / 2, cx = static_cast<int64_t>(std::floor(x + 0.5)),
+                cy = static_cast<int64_t>(std::floor(y + 0.5));
+  const int64_t x0 = std::max<int64_t>(cx - h, 0), x1 = std::min<int64_t>(cx + h + 1, mv.W);
+  const int64_t y0 = std::max<int64_t>(cy - h, 0), y1 = std::min<int64_t>(cy + h + 1, mv.H);
+  if (x0 >= x1 || y0 >= y1) return;
+  const T* map = mv.data + item * mv.H * mv.W;
+  for (int64_t i = y0; i < y1; ++i) {
+    const char* a = reinterpret_cast<const char*>(map + i * mv.W + x0);
+    const char* b = reinterpret_cast<const char*>(map + i * mv.W + x1 - 1);
+    for (; a <= b; a += 64) __builtin_prefetch(a);
+    __builtin_prefetch(b);
+  }
+#endif
+}
 
 template <class T>
 void patch_at(const MapView<T>& mv, int64_t item, double x, double y, int64_t r, Patch& p) {
@@ -359,7 +495,9 @@ void weights_batch(const MapView<T>& mv, const double* shape, int64_t r, double 
                    double* w, int threads) {
   parallel_for(mv.B * mv.n, threads, kPatchesPerThread, [&](int64_t begin, int64_t end) {
     Patch p;
+    if (begin < end) prefetch_patch(mv, begin, shape, r);
     for (int64_t m = begin; m < end; ++m) {
+      if (m + 1 < end) prefetch_patch(mv, m + 1, shape, r);
       double x = shape[2 * m], y = shape[2 * m + 1];
       clamp_point(x, y, mv.H, mv.W);
       patch_at(mv, m, x, y, r, p);
@@ -373,7 +511,9 @@ void mean_shift_batch(const MapView<T>& mv, const double* shape, int64_t r, doub
                       double rho, bool weighted, double* w, double* target, int threads) {
   parallel_for(mv.B * mv.n, threads, kPatchesPerThread, [&](int64_t begin, int64_t end) {
     Patch p;
+    if (begin < end) prefetch_patch(mv, begin, shape, r);
     for (int64_t m = begin; m < end; ++m) {
+      if (m + 1 < end) prefetch_patch(mv, m + 1, shape, r);
       double x = shape[2 * m], y = shape[2 * m + 1];
       clamp_point(x, y, mv.H, mv.W);
       patch_at(mv, m, x, y, r, p);
