@@ -21,6 +21,8 @@ using RowMat = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowM
 constexpr int64_t kMapsPerThread = 4;
 constexpr int64_t kPatchesPerThread = 64;
 constexpr int64_t kFacesPerThread = 4;
+// Landmarks ahead whose patches are prefetched.
+constexpr int64_t kPrefetchAhead = 2;
 
 double sigmoid(double z) {  // the reference's numerically safe form
   if (z >= 0) return 1.0 / (1.0 + std::exp(-z));
@@ -495,9 +497,9 @@ void weights_batch(const MapView<T>& mv, const double* shape, int64_t r, double 
                    double* w, int threads) {
   parallel_for(mv.B * mv.n, threads, kPatchesPerThread, [&](int64_t begin, int64_t end) {
     Patch p;
-    if (begin < end) prefetch_patch(mv, begin, shape, r);
+    for (int64_t q = begin; q < std::min(end, begin + kPrefetchAhead); ++q) prefetch_patch(mv, q, shape, r);
     for (int64_t m = begin; m < end; ++m) {
-      if (m + 1 < end) prefetch_patch(mv, m + 1, shape, r);
+      if (m + kPrefetchAhead < end) prefetch_patch(mv, m + kPrefetchAhead, shape, r);
       double x = shape[2 * m], y = shape[2 * m + 1];
       clamp_point(x, y, mv.H, mv.W);
       patch_at(mv, m, x, y, r, p);
@@ -511,9 +513,9 @@ void mean_shift_batch(const MapView<T>& mv, const double* shape, int64_t r, doub
                       double rho, bool weighted, double* w, double* target, int threads) {
   parallel_for(mv.B * mv.n, threads, kPatchesPerThread, [&](int64_t begin, int64_t end) {
     Patch p;
-    if (begin < end) prefetch_patch(mv, begin, shape, r);
+    for (int64_t q = begin; q < std::min(end, begin + kPrefetchAhead); ++q) prefetch_patch(mv, q, shape, r);
     for (int64_t m = begin; m < end; ++m) {
-      if (m + 1 < end) prefetch_patch(mv, m + 1, shape, r);
+      if (m + kPrefetchAhead < end) prefetch_patch(mv, m + kPrefetchAhead, shape, r);
       double x = shape[2 * m], y = shape[2 * m + 1];
       clamp_point(x, y, mv.H, mv.W);
       patch_at(mv, m, x, y, r, p);
@@ -534,36 +536,64 @@ void mean_shift_batch(const MapView<T>& mv, const double* shape, int64_t r, doub
 
 // ------------------------------------------------------------------ Eqs. 14 / 8
 
+namespace {
+
+// The system matrix lam diag(prior_inv) + S^T W S + eps E of Eqs. 14 / 8 (lower triangle only,
+// which is what LDLT reads): S^T W S = (W^1/2 S)^T (W^1/2 S) as a symmetric rank update.
+Eigen::MatrixXd system_matrix(const Eigen::Map<const RowMat>& S, const double* prior_inv,
+                              double lam, const double* w, double eps) {
+  const int64_t n2 = S.rows(), k = S.cols();
+  Eigen::MatrixXd A = Eigen::MatrixXd::Zero(k, k);
+  if (w == nullptr) {
+    A.selfadjointView<Eigen::Lower>().rankUpdate(S.transpose());
+  } else {
+    const RowMat WS = Eigen::Map<const Eigen::VectorXd>(w, n2).cwiseSqrt().asDiagonal() * S;
+    A.selfadjointView<Eigen::Lower>().rankUpdate(WS.transpose());
+  }
+  A.diagonal() += lam * Eigen::Map<const Eigen::VectorXd>(prior_inv, k);
+  A.diagonal().head(std::min<int64_t>(4, k)).array() += eps;
+  return A;
+}
+
+// The right-hand side S^T W (t - mean) + eps E x0.
+Eigen::VectorXd system_rhs(const Eigen::Map<const RowMat>& S, const double* mean, const double* w,
+                           const double* target, const double* x0, double eps) {
+  const int64_t n2 = S.rows(), k = S.cols();
+  Eigen::VectorXd d = Eigen::Map<const Eigen::VectorXd>(target, n2) - Eigen::Map<const Eigen::VectorXd>(mean, n2);
+  if (w != nullptr) d.array() *= Eigen::Map<const Eigen::ArrayXd>(w, n2);
+  Eigen::VectorXd rhs = S.transpose() * d;
+  const int64_t ks = std::min<int64_t>(4, k);
+  rhs.head(ks) += eps * Eigen::Map<const Eigen::VectorXd>(x0, ks);
+  return rhs;
+}
+
+}  // namespace
+
 void regularized_projection(const double* basis, const double* mean, const double* prior_inv,
                             int64_t n2, int64_t k, double lam, const double* w,
                             const double* target, const double* x0, double eps, double* out) {
-  Eigen::Map<const RowMat> S(basis, n2, k);
-  Eigen::Map<const Eigen::VectorXd> mu(mean, n2), t(target, n2), pinv(prior_inv, k), p0(x0, k);
-  Eigen::VectorXd e = Eigen::VectorXd::Zero(k);
-  e.head(std::min<int64_t>(4, k)).setConstant(eps);
-  Eigen::MatrixXd A(k, k);
-  Eigen::VectorXd rhs(k);
-  if (w == nullptr) {
-    A.noalias() = S.transpose() * S;
-    rhs.noalias() = S.transpose() * (t - mu);
-  } else {
-    Eigen::Map<const Eigen::VectorXd> wv(w, n2);
-    const RowMat WS = wv.asDiagonal() * S;
-    A.noalias() = S.transpose() * WS;
-    rhs.noalias() = WS.transpose() * (t - mu);
-  }
-  A.diagonal() += lam * pinv + e;
-  rhs += e.cwiseProduct(p0);
-  Eigen::Map<Eigen::VectorXd>(out, k) = A.ldlt().solve(rhs);
+  const Eigen::Map<const RowMat> S(basis, n2, k);
+  const Eigen::LDLT<Eigen::MatrixXd, Eigen::Lower> ldlt(system_matrix(S, prior_inv, lam, w, eps));
+  Eigen::Map<Eigen::VectorXd>(out, k) = ldlt.solve(system_rhs(S, mean, w, target, x0, eps));
 }
 
 void project_batch(const double* basis, const double* mean, const double* prior_inv, int64_t n2,
                    int64_t k, double lam, const double* w, const double* target, const double* x0,
                    double eps, int64_t B, double* out, int threads) {
+  const Eigen::Map<const RowMat> S(basis, n2, k);
+  if (w == nullptr) {  // W = I: one system for the whole batch, factored once
+    const Eigen::LDLT<Eigen::MatrixXd, Eigen::Lower> ldlt(system_matrix(S, prior_inv, lam, nullptr, eps));
+    parallel_for(B, threads, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t f = begin; f < end; ++f)
+        Eigen::Map<Eigen::VectorXd>(out + f * k, k) =
+            ldlt.solve(system_rhs(S, mean, nullptr, target + f * n2, x0 + f * k, eps));
+    });
+    return;
+  }
   parallel_for(B, threads, kFacesPerThread, [&](int64_t begin, int64_t end) {
     for (int64_t f = begin; f < end; ++f)
-      regularized_projection(basis, mean, prior_inv, n2, k, lam, w ? w + f * n2 : nullptr,
-                             target + f * n2, x0 + f * k, eps, out + f * k);
+      regularized_projection(basis, mean, prior_inv, n2, k, lam, w + f * n2, target + f * n2,
+                             x0 + f * k, eps, out + f * k);
   });
 }
 
