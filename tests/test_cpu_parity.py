@@ -194,10 +194,29 @@ def test_upsampling_on_the_fly(rng, factor, dtype):
     assert isinstance(lazy, UpsampledMaps) and lazy.shape == up.shape and lazy.dtype == dtype
     np.testing.assert_array_equal(np.asarray(lazy), mine)
     shape = rng.uniform(-5, 60, (2, 6, 2))
+    R = ref.ReferenceOps()
     for ops in (CpuOps(), CpuOps(lazy_upsample=False)):
         maps = ops.prepare(small, factor)
-        np.testing.assert_allclose(ops.weights(maps, shape, 10, 0.25, 2.0),
-                                   ref.ReferenceOps().weights(up, shape, 10, 0.25, 2.0), atol=1e-9)
+        for r in (2, 9, 10, 30):
+            np.testing.assert_allclose(ops.weights(maps, shape, r, 0.25, 2.0),
+                                       R.weights(up, shape, r, 0.25, 2.0), atol=1e-9)
+            for want, got in zip(R.mean_shift(up, shape, r, 0.25, 2.0, 3.0, True),
+                                 ops.mean_shift(maps, shape, r, 0.25, 2.0, 3.0, True)):
+                np.testing.assert_allclose(got, want, atol=1e-9)
+
+
+@pytest.mark.parametrize("factor", [2, 4])
+def test_upsampled_argmax_many_candidates(rng, factor):
+    """Maps with several separated near-maximal pixels (and long runs below them), so the
+    on-the-fly search must visit and compare several candidate regions."""
+    small = rng.uniform(-1, 0.5, (3, 8, 40, 37)).astype(np.float32)
+    for m in range(8):
+        idx = rng.choice(40 * 37, 5, replace=False)
+        small[:, m].reshape(3, -1)[:, idx] = rng.uniform(0.95, 1.0, (3, 5)).astype(np.float32)
+    small[1, 3, 20:22, 10:12] = 0.99  # a plateau next to a higher lone spike
+    small[1, 3, 2, 30] = 1.0
+    want = ref.estimate_peaks(ref.upsample(small, factor))
+    np.testing.assert_array_equal(_core.cpu_argmax(small, factor)[0], want)
 
 
 def _random_points(rng, B, n, H, W):

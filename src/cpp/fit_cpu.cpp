@@ -275,10 +275,10 @@ int64_t argmax_upsampled_batch(const T* small, int64_t B, int64_t n, int64_t h, 
   // tile (i, k) covers output rows [f i - f/2, f i - f/2 + f) and columns likewise, and reads
   // small rows i - 1, i and columns k - 1, k. Its values are convex combinations (weights >= 0,
   // summing to <= 1) of those inputs, so none exceeds max(0, their maximum). The tiles around
-  // the small map's maximum give an achieved value V; tiles whose bound is clearly below V
-  // (a margin covers rounding) cannot hold the maximum or a tie, and are skipped. Every other
-  // tile is evaluated exactly as upsample_map would, keeping the first maximum in row-major
-  // order of the upsampled map.
+  // the small map's maximum give an achieved value V > 0; a tile whose four inputs are all
+  // clearly below V (a margin covers rounding) cannot hold the maximum or a tie, so only the
+  // tiles around small pixels >= V are evaluated, exactly as upsample_map would compute them,
+  // keeping the first maximum in row-major order of the upsampled map.
   const int64_t H = h * f, W = w * f, items = B * n;
   std::vector<Taps> ty(static_cast<size_t>(H)), tx(static_cast<size_t>(W));
   for (int64_t o = 0; o < H; ++o) ty[static_cast<size_t>(o)] = taps(o, h, f);
@@ -308,23 +308,39 @@ int64_t argmax_upsampled_batch(const T* small, int64_t B, int64_t n, int64_t h, 
         peaks[2 * m] = peaks[2 * m + 1] = 0.0;
         continue;
       }
+      if (map[sm.index] == T(0)) {  // max 0: an all-zero map upsamples to all zeros
+        bool all_zero = true;
+        for (int64_t j = 0; j < h * w && all_zero; ++j) all_zero = map[j] == T(0);
+        if (all_zero) {  // the first maximum is the first pixel
+          peaks[2 * m] = peaks[2 * m + 1] = 0.0;
+          continue;
+        }
+      }
       const int64_t si = sm.index / w, sk = sm.index % w;
       for (int64_t i = si; i <= si + 1; ++i)
         for (int64_t k = sk; k <= sk + 1; ++k) eval_tile(i, k);
       const double V = static_cast<double>(best);
-      for (int64_t i = 0; i <= h; ++i)
-        for (int64_t k = 0; k <= w; ++k) {
-          if ((i == si || i == si + 1) && (k == sk || k == sk + 1)) continue;
-          if (V > 0.0) {
-            double bound = 0.0;
-            for (int64_t a = i - 1; a <= i; ++a)
-              for (int64_t c = k - 1; c <= k; ++c)
-                if (a >= 0 && a < h && c >= 0 && c < w)
-                  bound = std::max(bound, static_cast<double>(map[a * w + c]));
-            if (bound * (1.0 + 1e-6) < V) continue;
+      if (V > 0.0) {
+        // Only tiles reading a small pixel with value >= V (less a rounding margin) can reach
+        // V: visit the four tiles around each such pixel (evaluating a tile twice is harmless).
+        const double cut = V / (1.0 + 1e-6);
+        constexpr int64_t kRun = 64;  // vector max over runs, element scan only of runs that hit
+        ZeroAcc<T> unused;
+        for (int64_t j = 0; j < h * w; ++j) {
+          if (j % kRun == 0 && static_cast<double>(block_max(map + j, std::min(kRun, h * w - j), unused)) < cut) {
+            j += kRun - 1;
+            continue;
           }
-          eval_tile(i, k);
+          if (static_cast<double>(map[j]) < cut) continue;
+          const int64_t a = j / w, c = j % w;
+          for (int64_t i = a; i <= a + 1; ++i)
+            for (int64_t k = c; k <= c + 1; ++k)
+              if (!((i == si || i == si + 1) && (k == sk || k == sk + 1))) eval_tile(i, k);
         }
+      } else {  // no positive value to prune with (all-negative maps): evaluate every tile
+        for (int64_t i = 0; i <= h; ++i)
+          for (int64_t k = 0; k <= w; ++k) eval_tile(i, k);
+      }
       peaks[2 * m] = static_cast<double>(best_idx % W);
       peaks[2 * m + 1] = static_cast<double>(best_idx / W);
     }
@@ -356,16 +372,32 @@ void extract_patch(const T* map, int64_t H, int64_t W, double x, double y, int64
 template <class T>
 void extract_patch_upsampled(const T* small, int64_t h_small, int64_t w_small, int f, double x,
                              double y, int64_t r, Patch& p) {
+  // Separable, in upsampled_value's order: the small rows the patch reads are interpolated
+  // along x once (row_x), then each patch row combines two of them along y; the same
+  // operations as upsample_map, so the same (rounded-to-T) values.
   patch_bounds(h_small * f, w_small * f, x, y, r, p);
-  thread_local std::vector<Taps> tx;
-  tx.resize(static_cast<size_t>(p.nx));
-  for (int64_t j = 0; j < p.nx; ++j) tx[static_cast<size_t>(j)] = taps(p.x0 + j, w_small, f);
+  if (p.nx == 0) return;
+  thread_local std::vector<double> row_x;
+  // output row o reads small rows (o + f/2) / f - 1 and (o + f/2) / f (where inside the map)
+  const int64_t first = std::max<int64_t>((p.y0 + f / 2) / f - 1, 0);
+  const int64_t last = std::min<int64_t>((p.y0 + p.ny - 1 + f / 2) / f, h_small - 1);
+  row_x.resize(static_cast<size_t>((last - first + 1) * p.nx));
+  for (int64_t j = 0; j < p.nx; ++j) {
+    const Taps tx = taps(p.x0 + j, w_small, f);
+    for (int64_t a = first; a <= last; ++a)
+      row_x[static_cast<size_t>((a - first) * p.nx + j)] = interp_x(small + a * w_small, tx);
+  }
   for (int64_t i = 0; i < p.ny; ++i) {
     const Taps ty = taps(p.y0 + i, h_small, f);
+    const double* hi = ty.hi >= 0 ? row_x.data() + (ty.hi - first) * p.nx : nullptr;
+    const double* lo = ty.lo >= 0 ? row_x.data() + (ty.lo - first) * p.nx : nullptr;
     double* dst = p.buf.data() + i * p.nx;
     for (int64_t j = 0; j < p.nx; ++j) {
-      const double v = static_cast<double>(upsampled_value(small, w_small, ty, tx[static_cast<size_t>(j)]));
-      dst[j] = v > 0.0 ? v : 0.0;
+      double v = 0.0;
+      if (hi) v += ty.w_hi * hi[j];
+      if (lo) v += ty.w_lo * lo[j];
+      const double vt = static_cast<double>(static_cast<T>(v));
+      dst[j] = vt > 0.0 ? vt : 0.0;
     }
   }
 }
