@@ -5,7 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#if defined(__SSE2__)
+#if defined(__SSE2__) && !defined(ECTFAST_NO_SIMD)
 #include <emmintrin.h>
 #endif
 
@@ -127,7 +127,7 @@ namespace {
 // NaN/inf) so that the caller learns about non-finite values from the same pass.
 // Lane maxima use `x > m ? x : m` (= maxps/maxpd; a NaN x leaves m, which is fine: the map is
 // rejected anyway). SSE2 (x86-64 baseline) when available, a portable loop otherwise.
-#if defined(__SSE2__)
+#if defined(__SSE2__) && !defined(ECTFAST_NO_SIMD)
 inline float block_max(const float* v, int64_t n, __m128& zero) {
   __m128 m0 = _mm_set1_ps(v[0]), m1 = m0, m2 = m0, m3 = m0;
   __m128 z0 = zero, z1 = _mm_setzero_ps();
