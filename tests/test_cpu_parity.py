@@ -392,3 +392,38 @@ def test_single_column_patch_has_zero_sigma():
         got = CpuOps().weights(maps, shape, 10, a, b)
         np.testing.assert_allclose(got, want, atol=1e-12)
         assert got[0, 0, 0] == 0 and got[0, 0, 1] > 0 and got[0, 1, 1] == 0 and got[0, 1, 0] > 0
+
+
+# ------------------------------------------------------------------ property test (quick)
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=int(__import__("os").environ.get("ECTFAST_FUZZ_EXAMPLES", 60)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), H=st.integers(3, 40), W=st.integers(3, 40),
+       r=st.integers(0, 45), f64=st.booleans(), weighted=st.booleans(),
+       sparse=st.floats(0.0, 0.98), factor=st.sampled_from([1, 1, 2, 4]))
+def test_ops_match_reference_on_random_maps(seed, H, W, r, f64, weighted, sparse, factor):
+    """Random maps (with many exact zeros / negatives, so patches with a single positive
+    pixel, row or column occur), random points in and around the map, every op.
+    ECTFAST_FUZZ_EXAMPLES=3000 runs a longer search (passed when this was written)."""
+    rng = np.random.default_rng(seed)
+    dtype = np.float64 if f64 else np.float32
+    small = rng.normal(0, 1, (2, 3, H, W))
+    small[rng.uniform(size=small.shape) < sparse] = 0.0
+    small = small.astype(dtype)
+    R, C = ref.ReferenceOps(), CpuOps()
+    up = ref.upsample(small, factor) if factor > 1 else small
+    maps = C.prepare(small, factor)
+    Hf, Wf = H * factor, W * factor
+    shape = np.stack([rng.uniform(-3, Wf + 3, (2, 3)), rng.uniform(-3, Hf + 3, (2, 3))], -1)
+    shape[0, 0] = np.round(shape[0, 0]) + 0.5  # exact half-pixel positions
+    if dtype == np.float32 or factor == 1:
+        np.testing.assert_array_equal(C.argmax(maps), R.argmax(up))
+    np.testing.assert_allclose(C.weights(maps, shape, r, 0.25, 1.0), R.weights(up, shape, r, 0.25, 1.0),
+                               atol=1e-9)
+    w0, t0 = R.mean_shift(up, shape, r, 0.25, 1.0, 2.0, weighted)
+    w1, t1 = C.mean_shift(maps, shape, r, 0.25, 1.0, 2.0, weighted)
+    np.testing.assert_allclose(w1, w0, atol=1e-9)
+    np.testing.assert_allclose(t1, t0, atol=1e-8)
