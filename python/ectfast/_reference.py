@@ -81,6 +81,8 @@ def confidence(patch: np.ndarray, xs: np.ndarray, ys: np.ndarray, a: float, b: f
     for p, c in ((px, xs), (py, ys)):
         mu = float(p @ c)
         sd = math.sqrt(max(float(p @ (c - mu) ** 2), 0.0))
+        if np.count_nonzero(p) < 2:  # all mass in one column/row: sigma is exactly 0 (rounding
+            sd = 0.0  # in mu could leave ~1e-15 and flip the weight from 0 to 1)
         weights.append(sigmoid(a * (S / sd - b)) if sd > 0.0 else 0.0)
     return weights[0], weights[1]
 
