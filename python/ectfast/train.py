@@ -34,6 +34,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -189,8 +190,10 @@ class Trainer:
         sd = {k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
         self.model.load_state_dict(sd, strict=False)
         self.step, self.best_nme, self.history = ts["step"], ts["best_nme"], list(ts["history"])
-        for _ in range(self.step):  # the schedule's position
-            self.sched.step()
+        with warnings.catch_warnings():  # the schedule's position (no optimizer step taken)
+            warnings.simplefilter("ignore")
+            for _ in range(self.step):
+                self.sched.step()
 
     # -------------------------------------------------------------- data
     def batch(self, step: int):
