@@ -44,7 +44,7 @@ Data
 full-size release and the compact copy) into a :class:`CropSet` (decoded, margin-cropped uint8
 RGB images in memory: the decoded-image cache). :func:`pack` writes the training and validation
 crops into one ``.npz`` of JPEG-encoded crops (``python -m ectfast.data pack --data DIR --out
-FILE``; about 40 MB for the 2012 + 224 faces of the compact copy). Packed files are derived from
+FILE``; 34 MiB at JPEG quality 85 for the 2012 + 224 faces of the compact copy). Packed files are derived from
 research-only data: keep them in an ignored folder (``.devdata/``), never commit them.
 """
 from __future__ import annotations
@@ -415,7 +415,7 @@ def load_crops(root, subsets: Sequence[str] = TRAIN_SUBSETS, stored_size: int = 
                    np.ones((len(res), N_LANDMARKS), bool), names, stored_size, context)
 
 
-def pack(path, train: CropSet, val: Optional[CropSet] = None, quality: int = 90) -> int:
+def pack(path, train: CropSet, val: Optional[CropSet] = None, quality: int = 85) -> int:
     """Write crops as JPEG bytes in one .npz (atomic). Returns the file size in bytes."""
     import cv2
 
@@ -558,7 +558,7 @@ def main(argv=None) -> int:
     q.add_argument("--out", required=True, help="output .npz (keep it in an ignored folder, e.g. .devdata/)")
     q.add_argument("--stored-size", type=int, default=STORED_SIZE)
     q.add_argument("--context", type=float, default=CONTEXT)
-    q.add_argument("--quality", type=int, default=90)
+    q.add_argument("--quality", type=int, default=85)
     q.add_argument("--limit", type=int, default=None, help="first N faces of each split (tests)")
     q.add_argument("--workers", type=int, default=2)
     a = p.parse_args(argv)

@@ -119,7 +119,9 @@ class Trainer:
         self.device = torch.device(device)
         self.amp = amp
         self.channels_last = channels_last
-        self.ckpt_every, self.log_every, self.progress = ckpt_every, log_every, progress
+        self.ckpt_every, self.log_every = ckpt_every, log_every
+        self.progress = progress is True  # True: tqdm bar; "lines": one line per log record; False: silent
+        self.verbose = progress == "lines"
         self.steps_per_epoch = len(train_set) // batch_size
         self.total_steps = self.cfg["epochs"] * self.steps_per_epoch
         self.val_every = val_every or self.steps_per_epoch
@@ -284,7 +286,8 @@ class Trainer:
         while self.step < stop_at:
             loss, parts = self.train_step()
             n_log += 1
-            if self.step % self.log_every == 0 or self.step == stop_at:
+            timed_out = max_minutes is not None and time.monotonic() - t0 > 60 * max_minutes
+            if self.step % self.log_every == 0 or self.step == stop_at or timed_out:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 now = time.monotonic()
@@ -300,6 +303,10 @@ class Trainer:
                 t_log, n_log = now, 0
                 if bar is not None:
                     bar.set_postfix(loss=f"{last['loss']:.5f}", img_s=f"{ips:.0f}")
+                elif self.verbose:
+                    print(f"step {self.step}/{self.total_steps} epoch {last['epoch']:.2f} loss {last['loss']:.5f} "
+                          f"(primary {last['primary64']:.5f} fusion {last['fusion64']:.5f} up {last['up256']:.5f}) "
+                          f"lr {last['lr']:.2e} {ips:.0f} img/s", file=sys.stderr, flush=True)
             if bar is not None:
                 bar.update(1)
                 bar.set_description(f"FCN epoch {self.step // self.steps_per_epoch}")
@@ -310,13 +317,15 @@ class Trainer:
                     self.history.append(rec)
                     with open(log_path, "a") as f:
                         f.write(json.dumps(rec) + "\n")
+                    msg = f"step {self.step}: validation NME (inter-ocular, CRM) {nme:.4f}"
                     if bar is not None:
-                        bar.write(f"step {self.step}: validation NME (inter-ocular, CRM) {nme:.4f}")
+                        bar.write(msg)
+                    elif self.verbose:
+                        print(msg, file=sys.stderr, flush=True)
                     if nme < self.best_nme:
                         self.best_nme = nme
                         _atomic_save({"model": self.model.state_dict(), "step": self.step, "val_nme": nme,
                                       "config": self.cfg}, os.path.join(self.out, "best.pt"))
-            timed_out = max_minutes is not None and time.monotonic() - t0 > 60 * max_minutes
             if timed_out:
                 reason = "max-minutes"
                 break
@@ -460,6 +469,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--workers", type=int, default=4, help="decoding threads")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--log-lines", action="store_true",
+                   help="print one line per log record instead of a progress bar (for logs/pipes)")
     p.add_argument("--export-weights", metavar="FILE",
                    help="write the best model as shipped fp16 weights (e.g. python/ectfast/data/fcn_300w.pt)")
 
@@ -471,12 +482,14 @@ def run(args) -> int:
                   max_minutes=args.max_minutes, max_steps=args.max_steps, resume=args.resume,
                   device=args.device, amp=args.amp, compile_model=args.compile, ckpt_every=args.ckpt_every,
                   val_every=args.val_every, log_every=args.log_every, limit=args.limit,
-                  augment=not args.no_augment, progress=not args.quiet, export_weights=args.export_weights,
+                  augment=not args.no_augment,
+                  progress=False if args.quiet else ("lines" if args.log_lines else True), export_weights=args.export_weights,
                   workers=args.workers)
     except (ValueError, FileNotFoundError) as e:
         print(f"ectfast train: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({k: s[k] for k in ("step", "total_steps", "stopped", "best_nme")}, default=float))
+    best = s["best_nme"] if math.isfinite(s["best_nme"]) else None
+    print(json.dumps({"step": s["step"], "total_steps": s["total_steps"], "stopped": s["stopped"], "best_nme": best}))
     if s["stopped"] != "done":
         print(f"stopped at step {s['step']} of {s['total_steps']} ({s['stopped']}): "
               f"continue with the same command plus --resume", file=sys.stderr)
