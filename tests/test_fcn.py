@@ -347,6 +347,7 @@ def test_default_weights_path_is_clear_when_absent():
 def test_onnx_export_matches_pytorch(tmp_path):
     from ectfast.export import check_onnx, export_onnx
 
+    pytest.importorskip("onnx", reason="onnx not installed: the exporters need it")
     torch.manual_seed(0)
     m = FCN().eval()
     path = export_onnx(m, str(tmp_path / "fcn.onnx"), size=32)

@@ -41,6 +41,10 @@ def export_onnx(model: FCN, path, size: int = 256, dynamic_batch: bool = True, o
     """Write ``model`` as ONNX to ``path``; returns the path."""
     if size % 4 or size < 16:
         raise ValueError(f"size: expected a multiple of 4 >= 16, got {size}")
+    try:
+        import onnx  # noqa: F401  (both torch exporters serialise through it)
+    except ImportError:
+        raise ImportError("ONNX export needs the onnx package: pip install onnx onnxscript") from None
     model = model.eval().float().cpu()
     x = torch.rand(2 if dynamic_batch else 1, 3, size, size)
     path = os.fspath(path)
@@ -88,7 +92,7 @@ def run(args) -> int:
     try:
         model = load_model(args.weights)
         export_onnx(model, args.out, args.size, not args.static_batch, args.opset)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, ImportError) as e:
         print(f"ectfast export-onnx: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB)")

@@ -48,7 +48,7 @@ from .model import FCN, count_parameters, read_weights, save_weights
 CKPT_FORMAT = "ectfast-fcn-checkpoint"
 #: settings that fix the run's data order and schedule: a resume must keep them
 RUN_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "seed", "input_size", "warmup", "n_train")
-DEFAULTS = dict(epochs=60, batch_size=32, lr=1e-3, weight_decay=1e-4, seed=0, input_size=256,
+DEFAULTS = dict(epochs=60, batch_size=32, lr=5e-4, weight_decay=1e-4, seed=0, input_size=256,
                 warmup=0.03, clip=5.0)
 
 
