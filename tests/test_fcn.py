@@ -231,6 +231,14 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch(pdm, tmp_path):
     assert 0 < t.validate() < 5
 
 
+def test_bf16_channels_last_step_runs(pdm, tmp_path):
+    """The CUDA settings' code path (autocast bf16 + channels_last), here on CPU."""
+    t = _trainer(pdm, tmp_path, amp="bf16", channels_last=True, augment=True)
+    loss, parts = t.train_step()
+    assert np.isfinite(float(loss)) and len(parts) == 3 and t.step == 1
+    assert t.model.primary.conv2.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def _losses(out):
     with open(os.path.join(out, "log.jsonl")) as f:
         return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
