@@ -134,19 +134,21 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--train", action="store_true", help="also time training steps (CUDA)")
     p.add_argument("--train-batch", type=int, nargs="+", default=[32, 64])
+    p.add_argument("--skip-forward", action="store_true", help="only the training-step timing (with --train)")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args(argv)
     res = {"params_M": count_parameters(FCN()) / 1e6, "gflop_per_face": forward_flops() / 1e9}
     print(f"FCN: {res['params_M']:.2f} M parameters, {res['gflop_per_face']:.1f} GFLOP per 256x256 face (forward)")
-    cpu = bench_cpu(a.threads, a.iters)
-    res["cpu_batch1_fp32_faces_per_s"] = cpu
-    print(f"CPU ({a.threads} threads) batch 1 fp32: {cpu:.2f} faces/s ({1e3 / cpu:.0f} ms/face)")
+    if not a.skip_forward:
+        cpu = bench_cpu(a.threads, a.iters)
+        res["cpu_batch1_fp32_faces_per_s"] = cpu
+        print(f"CPU ({a.threads} threads) batch 1 fp32: {cpu:.2f} faces/s ({1e3 / cpu:.0f} ms/face)")
     if a.no_cuda or not torch.cuda.is_available():
         print("CUDA: skipped (no GPU)" if not a.no_cuda else "CUDA: skipped (--no-cuda)")
     else:
         print(f"CUDA: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
         res["cuda_device"] = torch.cuda.get_device_name(0)
-        res["cuda"] = bench_cuda([1, 256], not a.no_compile)
+        res["cuda"] = [] if a.skip_forward else bench_cuda([1, 256], not a.no_compile)
         for r in res["cuda"]:
             if "error" in r:
                 print(f"  batch {r['batch']:>3} {r['variant']:<32} failed: {r['error']}")
