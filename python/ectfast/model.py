@@ -249,7 +249,10 @@ def read_weights(path) -> dict:
     if got != blob.get("sha256"):
         raise ValueError(f"{path}: checksum mismatch (file says {blob.get('sha256')}, contents give {got}): corrupt weights")
     n = blob.get("n_landmarks")
-    if sd["fusion.fuse2.weight"].shape[0] != n:
+    out_w = sd.get("fusion.fuse2.weight")
+    if not isinstance(out_w, torch.Tensor) or out_w.ndim != 4:
+        raise ValueError(f"{path}: no FCN output layer (fusion.fuse2.weight) in the state dict")
+    if out_w.shape[0] != n:
         raise ValueError(f"{path}: n_landmarks {n} disagrees with the output layer")
     return blob
 
