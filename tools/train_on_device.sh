@@ -50,7 +50,7 @@ if [ "$EPOCHS" = auto ]; then
   if [ ! -f "$RUN/last.pt" ] && [ ! -f "$RUN/light.pt" ]; then
     python3 bench/fcn.py --skip-forward --no-compile --train --train-batch "$BS" --json "$OUT/bench.json"
     EPOCHS=$(python3 -c "import json; r = (json.load(open('$OUT/bench.json')).get('train') or [{}])[0]; \
-print(max(10, min(600, int(r['epochs_per_min'] * $TRAIN_BUDGET_MIN * 0.85))) if 'epochs_per_min' in r else 150)")
+print(max(10, min(400, int(r['epochs_per_min'] * $TRAIN_BUDGET_MIN * 0.85))) if 'epochs_per_min' in r else 150)")
     echo "EPOCHS=auto -> $EPOCHS epochs for about $TRAIN_BUDGET_MIN minutes of training" >&2
     EP_ARGS=(--epochs "$EPOCHS")
   fi
