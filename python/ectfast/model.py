@@ -1,0 +1,277 @@
+"""The Estimation network of ECT: a fully convolutional network (FCN) that maps a 256x256 face
+crop to one response map per landmark (DESIGN.md, "FCN"). Needs PyTorch; ``import ectfast``
+does not import this module.
+
+Input convention
+----------------
+``forward(x)`` takes ``x`` of shape (B, 3, H, W), float, **RGB in [0, 1]** (H = W = 256 for the
+trained model; the net is fully convolutional, so any H, W divisible by 4 runs). The model
+normalises inside: ``(x - MEAN) / STD`` per channel with MEAN = (0.485, 0.456, 0.406),
+STD = (0.229, 0.224, 0.225) (fixed buffers, part of the state dict). It returns the tuple
+``(primary64, fusion64, up256)``: the PrimaryNet and FusionNet maps at H/4 x W/4 and the final
+maps at H x W (the FusionNet maps upsampled x4 by the fixed bilinear UpsampleNet).
+
+Architecture and every kernel size (those not fixed by DESIGN.md are this project's choice,
+marked *chosen*). Every conv is followed by ReLU except the two 68-channel outputs; all
+"same" padding (padding = dilation * (k - 1) / 2).
+
+PrimaryNet (input 3 x 256 x 256)
+    conv1   5x5, 3 -> 128, then 2x2 max-pool stride 2            -> 128 x 128 x 128
+    conv2   5x5, 128 -> 128, then 2x2 max-pool stride 2          -> 128 x 64 x 64
+    conv3   5x5, 128 -> 128                                      -> 128 x 64 x 64
+    conv4   four parallel 3x3 branches (*chosen* 3x3), dilation 1, 2, 3, 4, 128 -> 128 each,
+            concatenated                                         -> 512 x 64 x 64
+    conv5   four parallel 3x3 branches (*chosen* 3x3), dilation 1, 2, 3, 4, 512 -> 256 each,
+            concatenated                                         -> 1024 x 64 x 64
+    conv6   1x1, 1024 -> 512
+    conv7   1x1, 512 -> 256
+    conv8   1x1, 256 -> 68, no ReLU                              -> primary64
+FusionNet (input concat(conv3, conv7) = 384 x 64 x 64)
+    block1  dilated inception, 3 branches x 64: 3x3 d1, 3x3 d2, 5x5 d3      -> 192
+    block2  dilated inception, 4 branches x 64: 1x1, 3x3 d1, 3x3 d2, 5x5 d3 -> 256
+    block3  dilated inception, 4 branches x 128: 1x1, 3x3 d1, 3x3 d2, 5x5 d3 -> 512
+            (*chosen*: the branches before the last one; DESIGN.md fixes only the last branch
+            of each block as 5x5 with dilation 3)
+    fuse1   1x1, 512 -> 256
+    fuse2   1x1, 256 -> 68, no ReLU                              -> fusion64
+UpsampleNet
+    ConvTranspose2d(68, 68, kernel 8, stride 4, padding 2, groups 68, no bias), weights fixed
+    to the separable bilinear kernel K[j] = 1 - |j - 3.5| / 4 (outer(K, K)), the same kernel as
+    ``ectfast._reference.upsample_matrix(size, 4)``; not trainable (a buffer)  -> up256
+
+Pixel alignment: 64-map pixel i sits at 256-map coordinate 4 i + 1.5 (the align_corners=False
+convention of this upsampling), which is how the 64x64 training targets are placed
+(``ectfast.data.to_map64``).
+
+Shipped weights: ``load_pretrained()`` reads ``python/ectfast/data/fcn_300w.pt`` (written by
+``ectfast train --export-weights``): a dict ``{format, version, n_landmarks, sha256, meta,
+state_dict}`` with an fp16 state dict whose checksum is verified before use.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+N_LANDMARKS = 68
+WEIGHTS_FORMAT = "ectfast-fcn"
+WEIGHTS_VERSION = 1
+DEFAULT_WEIGHTS = os.path.join(os.path.dirname(__file__), "data", "fcn_300w.pt")
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+UPSAMPLE_FACTOR = 4
+_FP32_KEYS = ("mean", "std")  # the normalisation buffers stay float32 in the fp16 weights file
+
+
+def _conv(cin: int, cout: int, k: int, d: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, padding=d * (k - 1) // 2, dilation=d)
+
+
+class DilatedBranches(nn.Module):
+    """Parallel convolutions (kernel, dilation) on the same input, each + ReLU, concatenated."""
+
+    def __init__(self, cin: int, cout_each: int, specs):
+        super().__init__()
+        self.branches = nn.ModuleList(_conv(cin, cout_each, k, d) for k, d in specs)
+
+    def forward(self, x):
+        return torch.cat([F.relu(b(x)) for b in self.branches], 1)
+
+
+def bilinear_kernel(factor: int = UPSAMPLE_FACTOR) -> torch.Tensor:
+    """The (2f, 2f) kernel of the fixed bilinear upsampling: outer(K, K), K[j] = 1 - |j - (2f-1)/2| / f."""
+    k = 2 * factor
+    K = 1.0 - np.abs(np.arange(k) - (k - 1) / 2.0) / factor
+    return torch.from_numpy(np.outer(K, K)).float()
+
+
+class UpsampleNet(nn.Module):
+    """Fixed bilinear x4 (transposed conv, kernel 8, stride 4, padding 2, one group per map)."""
+
+    def __init__(self, channels: int = N_LANDMARKS, factor: int = UPSAMPLE_FACTOR):
+        super().__init__()
+        self.channels, self.factor = channels, factor
+        w = bilinear_kernel(factor)[None, None].repeat(channels, 1, 1, 1)
+        self.register_buffer("weight", w)
+
+    def forward(self, x):
+        return F.conv_transpose2d(x, self.weight.to(x.dtype), stride=self.factor,
+                                  padding=self.factor // 2, groups=self.channels)
+
+
+class PrimaryNet(nn.Module):
+    def __init__(self, n: int = N_LANDMARKS):
+        super().__init__()
+        self.conv1 = _conv(3, 128, 5)
+        self.conv2 = _conv(128, 128, 5)
+        self.conv3 = _conv(128, 128, 5)
+        self.conv4 = DilatedBranches(128, 128, [(3, 1), (3, 2), (3, 3), (3, 4)])
+        self.conv5 = DilatedBranches(512, 256, [(3, 1), (3, 2), (3, 3), (3, 4)])
+        self.conv6 = _conv(1024, 512, 1)
+        self.conv7 = _conv(512, 256, 1)
+        self.conv8 = _conv(256, n, 1)
+
+    def forward(self, x) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (conv3 features, conv7 features, primary maps)."""
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        c3 = F.relu(self.conv3(x))
+        x = self.conv5(self.conv4(c3))
+        x = F.relu(self.conv6(x))
+        c7 = F.relu(self.conv7(x))
+        return c3, c7, self.conv8(c7)
+
+
+class FusionNet(nn.Module):
+    def __init__(self, n: int = N_LANDMARKS, cin: int = 128 + 256):
+        super().__init__()
+        self.block1 = DilatedBranches(cin, 64, [(3, 1), (3, 2), (5, 3)])
+        self.block2 = DilatedBranches(192, 64, [(1, 1), (3, 1), (3, 2), (5, 3)])
+        self.block3 = DilatedBranches(256, 128, [(1, 1), (3, 1), (3, 2), (5, 3)])
+        self.fuse1 = _conv(512, 256, 1)
+        self.fuse2 = _conv(256, n, 1)
+
+    def forward(self, x):
+        x = self.block3(self.block2(self.block1(x)))
+        return self.fuse2(F.relu(self.fuse1(x)))
+
+
+class FCN(nn.Module):
+    """PrimaryNet + FusionNet + UpsampleNet. ``forward(x)`` -> (primary64, fusion64, up256)."""
+
+    def __init__(self, n_landmarks: int = N_LANDMARKS):
+        super().__init__()
+        self.n_landmarks = n_landmarks
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1))
+        self.primary = PrimaryNet(n_landmarks)
+        self.fusion = FusionNet(n_landmarks)
+        self.upsample = UpsampleNet(n_landmarks)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+        for out in (self.primary.conv8, self.fusion.fuse2):  # small outputs at the start
+            nn.init.normal_(out.weight, std=1e-3)
+
+    def forward(self, x):
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"x: expected (B, 3, H, W) RGB in [0, 1], got shape {tuple(x.shape)}")
+        if x.shape[-1] % 4 or x.shape[-2] % 4:
+            raise ValueError(f"x: H and W must be multiples of 4, got {tuple(x.shape[-2:])}")
+        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        c3, c7, primary = self.primary(x)
+        fusion = self.fusion(torch.cat([c3, c7], 1))
+        return primary, fusion, self.upsample(fusion)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def forward_flops(size: int = 256, n_landmarks: int = N_LANDMARKS) -> int:
+    """Multiply-adds x 2 of one forward pass at ``size`` x ``size`` (convolutions only)."""
+    model = FCN(n_landmarks)
+    total = 0
+
+    def hook(mod, inp, out):
+        nonlocal total
+        k = mod.weight.shape[1] * mod.weight.shape[2] * mod.weight.shape[3]
+        total += 2 * k * out.numel()
+
+    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    for h in hs:
+        h.remove()
+    return total
+
+
+# ------------------------------------------------------------------ shipped weights
+
+
+def state_dict_sha256(state_dict: Dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the sorted keys, dtypes, shapes and raw bytes of a state dict."""
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key].detach().cpu().contiguous()
+        h.update(key.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_weights(model_or_state, path, meta: Optional[dict] = None) -> str:
+    """Write the shipped-weights file (fp16 state dict + format/version/sha256/n_landmarks),
+    atomically. Returns the checksum."""
+    sd = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    sd = {k: (v.detach().cpu().half() if v.is_floating_point() and k not in _FP32_KEYS
+              else v.detach().cpu()).contiguous()
+          for k, v in sd.items() if not k.startswith("upsample.")}
+    n = sd["fusion.fuse2.weight"].shape[0]
+    blob = {"format": WEIGHTS_FORMAT, "version": WEIGHTS_VERSION, "n_landmarks": int(n),
+            "sha256": state_dict_sha256(sd), "meta": dict(meta or {}), "state_dict": sd}
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+    return blob["sha256"]
+
+
+def read_weights(path) -> dict:
+    """Load and verify a shipped-weights file. FileNotFoundError when absent; ValueError when
+    it is not such a file, is corrupt (checksum) or is of another format/version."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"FCN weights not found at {path!r} (train them with "
+                                "`ectfast train ... --export-weights FILE`)")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated / not a torch file
+        raise ValueError(f"{path}: not a readable FCN weights file ({type(e).__name__}: {e})") from None
+    if not isinstance(blob, dict) or blob.get("format") != WEIGHTS_FORMAT:
+        raise ValueError(f"{path}: not an ectfast FCN weights file (format {blob.get('format') if isinstance(blob, dict) else type(blob).__name__!r})")
+    if blob.get("version") != WEIGHTS_VERSION:
+        raise ValueError(f"{path}: weights version {blob.get('version')!r}, this ectfast reads {WEIGHTS_VERSION}")
+    sd = blob.get("state_dict")
+    if not isinstance(sd, dict) or not sd:
+        raise ValueError(f"{path}: no state_dict in the weights file")
+    got = state_dict_sha256(sd)
+    if got != blob.get("sha256"):
+        raise ValueError(f"{path}: checksum mismatch (file says {blob.get('sha256')}, contents give {got}): corrupt weights")
+    n = blob.get("n_landmarks")
+    out_w = sd.get("fusion.fuse2.weight")
+    if not isinstance(out_w, torch.Tensor) or out_w.ndim != 4:
+        raise ValueError(f"{path}: no FCN output layer (fusion.fuse2.weight) in the state dict")
+    if out_w.shape[0] != n:
+        raise ValueError(f"{path}: n_landmarks {n} disagrees with the output layer")
+    return blob
+
+
+def has_pretrained(path=None) -> bool:
+    """Whether a shipped-weights file exists (at ``path`` or the packaged default)."""
+    return os.path.isfile(os.fspath(path) if path is not None else DEFAULT_WEIGHTS)
+
+
+def load_pretrained(path=None, device="cpu", n_landmarks: int = N_LANDMARKS) -> FCN:
+    """The FCN with shipped weights (default python/ectfast/data/fcn_300w.pt), verified by
+    checksum, in eval mode, float32 on ``device``."""
+    blob = read_weights(DEFAULT_WEIGHTS if path is None else path)
+    if blob["n_landmarks"] != n_landmarks:
+        raise ValueError(f"weights have n_landmarks {blob['n_landmarks']}, expected {n_landmarks}")
+    model = FCN(n_landmarks)
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.startswith("upsample.")]
+    if missing or unexpected:
+        raise ValueError(f"weights do not match the FCN: missing {missing}, unexpected {unexpected}")
+    return model.to(device).eval()

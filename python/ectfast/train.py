@@ -1,0 +1,496 @@
+"""Training the FCN on 300-W (``ectfast train``; DESIGN.md "FCN").
+
+Loss: L2 (mean squared error per pixel) of PrimaryNet's and FusionNet's 64x64 maps against the
+64x64 targets plus that of the upsampled 256x256 maps against the 256x256 targets (targets and
+augmentation: ``ectfast.data``). AdamW with a linear warm-up (first 3 % of the steps) then a
+cosine decay to 1 % of the peak learning rate; gradient-norm clipping. On CUDA: bf16 autocast,
+channels_last, the whole decoded training set on the GPU and the augmentation done there
+(``warp_torch``), so no OpenCV and no loader workers are needed for packed data.
+
+Determinism and exact resume: the data order of epoch e is a permutation drawn from
+(seed, e); the augmentation of step k from (seed, k). A checkpoint (``OUT/last.pt``: model,
+optimizer, scheduler, grad scaler, RNG states, step, epoch, best NME, history, config) is written
+atomically every ``--ckpt-every`` steps, when ``--max-minutes`` is reached and at the end, so a
+run stopped by a time limit resumes with ``--resume`` at the same step with the same batches
+(bit-identical on CPU; on CUDA up to cuDNN's non-determinism).
+
+``OUT/light.pt`` is the shipped-weights format (fp16, checksum, ``ectfast.model.read_weights``)
+plus the training position: small enough (about 20 MB) to carry between machines. Resuming from
+it alone (no ``last.pt``) is a *warm* resume: same step, data order and schedule, but fresh
+optimizer moments and fp16-rounded weights.
+
+Validation: every ``--val-every`` steps (default: each epoch), NME (inter-ocular: outer eye
+corners 36 and 45) of the argmax (CRM) shape of the 256x256 maps on the validation split
+(lfpw/testset), face boxes from the ground-truth landmarks. The best model goes to
+``OUT/best.pt``; ``--export-weights FILE`` writes it (or the last model when no validation ran)
+as the shipped fp16 weights.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import data as D
+from .datasets import TRAIN_SUBSETS, VALIDATION_SUBSETS
+from .model import FCN, count_parameters, read_weights, save_weights
+
+CKPT_FORMAT = "ectfast-fcn-checkpoint"
+#: settings that fix the run's data order and schedule: a resume must keep them
+RUN_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "seed", "input_size", "warmup", "n_train")
+DEFAULTS = dict(epochs=60, batch_size=32, lr=5e-4, weight_decay=1e-4, seed=0, input_size=256,
+                warmup=0.03, clip=5.0)
+
+
+def nme_interocular(pred, gt) -> np.ndarray:
+    """Per-face NME (B,) normalised by the outer eye corners' distance (points 36 and 45)."""
+    pred, gt = np.asarray(pred, np.float64), np.asarray(gt, np.float64)
+    d = np.linalg.norm(gt[:, 36] - gt[:, 45], axis=-1)
+    return np.linalg.norm(pred - gt, axis=-1).mean(-1) / d
+
+
+def argmax_shape(maps) -> torch.Tensor:
+    """(B, n, 2) (x, y) of each map's first maximum (row-major), as ectfast's CRM."""
+    B, n, H, W = maps.shape
+    idx = maps.reshape(B, n, -1).argmax(-1)
+    return torch.stack([idx % W, idx // W], -1).float()
+
+
+def _atomic_save(obj, path) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _lr_lambda(total: int, warmup: float):
+    w = max(1, int(round(warmup * total)))
+
+    def f(step):
+        if step < w:
+            return (step + 1) / w
+        t = min(1.0, (step - w) / max(1, total - w))
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+def _rng_states():
+    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def _set_rng_states(s) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+class Trainer:
+    """One training run (see the module docstring). ``train()`` is the function to call."""
+
+    def __init__(self, train_set: D.CropSet, val_set: Optional[D.CropSet], out: str, *, epochs, batch_size,
+                 lr, weight_decay, seed, input_size, warmup, clip, device, amp, channels_last,
+                 compile_model, ckpt_every, val_every, log_every, progress, augment, data_desc):
+        if len(train_set) < batch_size:
+            raise ValueError(f"batch_size: {batch_size} is larger than the training set ({len(train_set)} faces)")
+        if input_size % 4 or input_size < 16:
+            raise ValueError(f"input_size: expected a multiple of 4 >= 16, got {input_size}")
+        self.out = os.fspath(out)
+        os.makedirs(self.out, exist_ok=True)
+        self.cfg = dict(epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
+                        weight_decay=float(weight_decay), seed=int(seed), input_size=int(input_size),
+                        warmup=float(warmup), clip=float(clip) if clip else 0.0, n_train=len(train_set),
+                        stored_size=train_set.stored_size, context=train_set.context, augment=bool(augment),
+                        data=data_desc)
+        self.device = torch.device(device)
+        self.amp = amp
+        self.channels_last = channels_last
+        self.ckpt_every, self.log_every = ckpt_every, log_every
+        self.progress = progress is True  # True: tqdm bar; "lines": one line per log record; False: silent
+        self.verbose = progress == "lines"
+        self.steps_per_epoch = len(train_set) // batch_size
+        self.total_steps = self.cfg["epochs"] * self.steps_per_epoch
+        self.val_every = val_every or self.steps_per_epoch
+        self.augment_cfg = D.AugmentConfig() if augment else None
+
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        self.model = FCN().to(self.device)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.fwd = torch.compile(self.model) if compile_model else self.model
+        decay = [p for n, p in self.model.named_parameters() if p.ndim > 1]
+        no_decay = [p for n, p in self.model.named_parameters() if p.ndim <= 1]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg["weight_decay"]},
+                                      {"params": no_decay, "weight_decay": 0.0}], lr=self.cfg["lr"],
+                                     betas=(0.9, 0.999))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(self.total_steps, self.cfg["warmup"]))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=(amp == "fp16"))
+        self.step, self.best_nme, self.history = 0, float("inf"), []
+
+        self.train_set, self.val_set = train_set, val_set
+        self.images = torch.from_numpy(train_set.images).permute(0, 3, 1, 2).contiguous().to(self.device)
+        self._perm_epoch, self._perm = -1, None
+
+    # -------------------------------------------------------------- state
+    def state(self) -> dict:
+        return {"format": CKPT_FORMAT, "version": 1, "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": _rng_states(), "step": self.step,
+                "epoch": self.step // self.steps_per_epoch, "best_nme": self.best_nme,
+                "history": self.history, "config": self.cfg}
+
+    def save(self) -> None:
+        _atomic_save(self.state(), os.path.join(self.out, "last.pt"))
+        save_weights(self.model, os.path.join(self.out, "light.pt"), meta=self._position())
+
+    def _position(self) -> dict:
+        return {"train_state": {"step": self.step, "best_nme": self.best_nme, "config": self.cfg,
+                                "history": self.history[-200:]}}
+
+    def _check_config(self, saved: dict, source: str) -> None:
+        for k in RUN_KEYS:
+            if k in saved and saved[k] != self.cfg[k]:
+                raise ValueError(f"resume: {k} = {self.cfg[k]!r} differs from {saved[k]!r} in {source}; "
+                                 "keep the run's settings or start a new --out")
+
+    def load(self, path) -> None:
+        """Exact resume from a full checkpoint."""
+        ck = torch.load(path, map_location=self.device, weights_only=False)
+        if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
+            raise ValueError(f"{path}: not an ectfast FCN checkpoint")
+        self._check_config(ck["config"], path)
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        self.scaler.load_state_dict(ck["scaler"])
+        _set_rng_states(ck["rng"])
+        self.step, self.best_nme, self.history = ck["step"], ck["best_nme"], ck["history"]
+
+    def load_light(self, path) -> None:
+        """Warm resume from a light checkpoint (weights + position, no optimizer moments)."""
+        blob = read_weights(path)
+        ts = blob.get("meta", {}).get("train_state")
+        if not ts:
+            raise ValueError(f"{path}: weights without a training position; cannot resume from it")
+        self._check_config(ts["config"], path)
+        sd = {k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
+        self.model.load_state_dict(sd, strict=False)
+        self.step, self.best_nme, self.history = ts["step"], ts["best_nme"], list(ts["history"])
+        with warnings.catch_warnings():  # the schedule's position (no optimizer step taken)
+            warnings.simplefilter("ignore")
+            for _ in range(self.step):
+                self.sched.step()
+
+    # -------------------------------------------------------------- data
+    def batch(self, step: int):
+        """(x (B, 3, S, S) float, t256, t64) of a global step: fixed by (seed, step)."""
+        B, seed = self.cfg["batch_size"], self.cfg["seed"]
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([seed, 1, epoch]).permutation(len(self.train_set))
+            self._perm_epoch = epoch
+        idx = np.sort(self._perm[k * B:(k + 1) * B])
+        ts = self.train_set
+        size = self.cfg["input_size"]
+        if self.augment_cfg is not None:
+            rng = np.random.default_rng([seed, 2, step])
+            A, flips, colour = D.sample_augmentation(rng, B, self.augment_cfg, ts.stored_size, ts.context, size)
+        else:
+            A = np.repeat(D.canonical_matrix(ts.stored_size, ts.context, size)[None], B, 0)
+            flips, colour = np.zeros(B, bool), None
+        x = D.warp_torch(self.images[torch.as_tensor(idx, device=self.device)], A, size, colour)
+        lm, vis = D.augment_landmarks(A, flips, ts.landmarks[idx], ts.visible[idx])
+        t256, t64 = D.make_targets_torch(torch.as_tensor(lm, dtype=torch.float32, device=self.device),
+                                         torch.as_tensor(vis, device=self.device), size)
+        return x, t256, t64
+
+    def _autocast(self):
+        if self.amp in ("bf16", "fp16"):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
+        return torch.autocast(self.device.type, enabled=False)
+
+    def _prep(self, x):
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    # -------------------------------------------------------------- steps
+    def loss(self, x, t256, t64):
+        with self._autocast():
+            p64, f64, up = self.fwd(self._prep(x))
+        parts = (F.mse_loss(p64.float(), t64), F.mse_loss(f64.float(), t64), F.mse_loss(up.float(), t256))
+        return parts[0] + parts[1] + parts[2], parts
+
+    def train_step(self):
+        self.model.train()
+        x, t256, t64 = self.batch(self.step)
+        loss, parts = self.loss(x, t256, t64)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg["clip"]:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["clip"])
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        self.step += 1
+        return loss.detach(), [p.detach() for p in parts]
+
+    @torch.no_grad()
+    def validate(self, batch_size: int = 32) -> float:
+        vs = self.val_set
+        if vs is None or len(vs) == 0:
+            return float("nan")
+        self.model.eval()
+        size = self.cfg["input_size"]
+        A1 = D.canonical_matrix(vs.stored_size, vs.context, size)
+        gt = D.transform_points(A1, vs.landmarks)
+        preds = []
+        for i in range(0, len(vs), batch_size):
+            imgs = torch.from_numpy(vs.images[i:i + batch_size]).permute(0, 3, 1, 2).to(self.device)
+            x = D.warp_torch(imgs, np.repeat(A1[None], len(imgs), 0), size)
+            with self._autocast():
+                _, _, up = self.fwd(self._prep(x))
+            preds.append(argmax_shape(up.float()).cpu().numpy())
+        return float(nme_interocular(np.concatenate(preds), gt).mean())
+
+    # -------------------------------------------------------------- the loop
+    def run(self, max_minutes=None, max_steps=None, t0=None) -> dict:
+        t0 = time.monotonic() if t0 is None else t0
+        stop_at = self.total_steps if max_steps is None else min(self.total_steps, int(max_steps))
+        log_path = os.path.join(self.out, "log.jsonl")
+        B = self.cfg["batch_size"]
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                       desc=f"FCN epoch {self.step // self.steps_per_epoch}")
+        reason = "done" if self.step >= stop_at else None
+        t_log, n_log = time.monotonic(), 0
+        last = {}
+        while self.step < stop_at:
+            loss, parts = self.train_step()
+            n_log += 1
+            timed_out = max_minutes is not None and time.monotonic() - t0 > 60 * max_minutes
+            if self.step % self.log_every == 0 or self.step == stop_at or timed_out:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                now = time.monotonic()
+                ips = n_log * B / max(now - t_log, 1e-9)
+                last = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": float(loss),
+                        "primary64": float(parts[0]), "fusion64": float(parts[1]), "up256": float(parts[2]),
+                        "lr": self.sched.get_last_lr()[0], "img_per_s": ips}
+                if not math.isfinite(last["loss"]):
+                    raise FloatingPointError(f"training diverged at step {self.step}: loss {last['loss']}")
+                self.history.append(last)
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(last) + "\n")
+                t_log, n_log = now, 0
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last['loss']:.5f}", img_s=f"{ips:.0f}")
+                elif self.verbose:
+                    print(f"step {self.step}/{self.total_steps} epoch {last['epoch']:.2f} loss {last['loss']:.5f} "
+                          f"(primary {last['primary64']:.5f} fusion {last['fusion64']:.5f} up {last['up256']:.5f}) "
+                          f"lr {last['lr']:.2e} {ips:.0f} img/s", file=sys.stderr, flush=True)
+            if bar is not None:
+                bar.update(1)
+                bar.set_description(f"FCN epoch {self.step // self.steps_per_epoch}")
+            if self.step % self.val_every == 0 or self.step == self.total_steps:
+                nme = self.validate()
+                if math.isfinite(nme):
+                    rec = {"step": self.step, "val_nme": nme}
+                    self.history.append(rec)
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    msg = f"step {self.step}: validation NME (inter-ocular, CRM) {nme:.4f}"
+                    if bar is not None:
+                        bar.write(msg)
+                    elif self.verbose:
+                        print(msg, file=sys.stderr, flush=True)
+                    if nme < self.best_nme:
+                        self.best_nme = nme
+                        _atomic_save({"model": self.model.state_dict(), "step": self.step, "val_nme": nme,
+                                      "config": self.cfg}, os.path.join(self.out, "best.pt"))
+            if timed_out:
+                reason = "max-minutes"
+                break
+            if self.ckpt_every and self.step % self.ckpt_every == 0:
+                self.save()
+        if bar is not None:
+            bar.close()
+        if reason is None:
+            reason = "done" if self.step >= self.total_steps else "max-steps"
+        self.save()
+        return {"step": self.step, "total_steps": self.total_steps, "epoch": self.step / self.steps_per_epoch,
+                "stopped": reason, "best_nme": self.best_nme, "last": last,
+                "checkpoint": os.path.join(self.out, "last.pt")}
+
+    def export(self, path) -> str:
+        best = os.path.join(self.out, "best.pt")
+        meta = {"n_train": self.cfg["n_train"], "epochs": self.cfg["epochs"], "step": self.step,
+                "input_size": self.cfg["input_size"], "data": self.cfg["data"]}
+        if os.path.isfile(best):
+            ck = torch.load(best, map_location="cpu", weights_only=False)
+            meta.update(val_nme_interocular_crm=ck["val_nme"], best_step=ck["step"])
+            return save_weights(ck["model"], path, meta=meta)
+        return save_weights(self.model, path, meta=meta)
+
+
+def _resolve(value, key, saved_cfg):
+    if value is not None:
+        return value
+    if saved_cfg and key in saved_cfg:
+        return saved_cfg[key]
+    return DEFAULTS[key]
+
+
+def _saved_config(out: str):
+    last, light = os.path.join(out, "last.pt"), os.path.join(out, "light.pt")
+    if os.path.isfile(last):
+        return torch.load(last, map_location="cpu", weights_only=False)["config"], last, "full"
+    if os.path.isfile(light):
+        return read_weights(light)["meta"]["train_state"]["config"], light, "light"
+    return None, None, None
+
+
+def train(data=None, out="runs/fcn", *, packed=None, epochs=None, batch_size=None, lr=None,
+          weight_decay=None, seed=None, input_size=None, warmup=None, clip=None, max_minutes=None,
+          max_steps=None, resume=False, device=None, amp="auto", channels_last="auto",
+          compile_model=False, ckpt_every=500, val_every=None, log_every=10, limit=None,
+          augment=True, progress=True, export_weights=None, workers=4,
+          train_set: Optional[D.CropSet] = None, val_set: Optional[D.CropSet] = None) -> dict:
+    """Train (or resume) the FCN; returns a summary dict. Data: ``packed`` (a file from
+    ``python -m ectfast.data pack``), else ``data`` (a 300-W root: TRAIN_SUBSETS for training,
+    lfpw/testset for validation), else ``train_set``/``val_set`` CropSets. Settings left None
+    come from the checkpoint when resuming, else DEFAULTS."""
+    t0 = time.monotonic()
+    out = os.fspath(out)
+    saved_cfg, src, kind = _saved_config(out) if resume else (None, None, None)
+    if not resume and os.path.isfile(os.path.join(out, "last.pt")):
+        raise ValueError(f"out: {out!r} already holds a checkpoint; pass resume=True (--resume) or another --out")
+    cfg = {k: _resolve(v, k, saved_cfg) for k, v in dict(
+        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
+        input_size=input_size, warmup=warmup, clip=clip).items()}
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if amp == "auto":
+        amp = "bf16" if dev.type == "cuda" else "none"
+    if amp not in ("bf16", "fp16", "none"):
+        raise ValueError(f"amp: expected 'auto', 'bf16', 'fp16' or 'none', got {amp!r}")
+    if channels_last == "auto":
+        channels_last = dev.type == "cuda"
+
+    if train_set is not None:
+        desc = "in-memory"
+    elif packed is not None:
+        train_set = D.load_packed(packed, "train", workers)
+        try:
+            val_set = D.load_packed(packed, "val", workers)
+        except ValueError:
+            val_set = None
+        desc = f"packed:{os.path.basename(os.fspath(packed))}"
+    elif data is not None:
+        train_set = D.load_crops(data, TRAIN_SUBSETS, limit=limit, workers=workers, progress=progress)
+        try:
+            val_set = D.load_crops(data, VALIDATION_SUBSETS, limit=limit, workers=workers, progress=progress)
+        except ValueError:
+            val_set = None
+        desc = f"folder:{os.path.basename(os.path.normpath(os.fspath(data)))}"
+    else:
+        raise ValueError("data: give a 300-W folder (--data) or a packed file (--packed)")
+    if limit is not None and (packed is not None):
+        train_set = train_set.subset(np.arange(min(limit, len(train_set))))
+        if val_set is not None:
+            val_set = val_set.subset(np.arange(min(limit, len(val_set))))
+
+    trainer = Trainer(train_set, val_set, out, **cfg, device=dev, amp=amp, channels_last=channels_last,
+                      compile_model=compile_model, ckpt_every=ckpt_every, val_every=val_every,
+                      log_every=log_every, progress=progress, augment=augment, data_desc=desc)
+    if kind == "full":
+        trainer.load(src)
+        print(f"resumed exactly from {src} at step {trainer.step}/{trainer.total_steps}", file=sys.stderr)
+    elif kind == "light":
+        trainer.load_light(src)
+        print(f"warm resume from {src} at step {trainer.step}/{trainer.total_steps} "
+              "(weights only: optimizer moments restart)", file=sys.stderr)
+    elif resume:
+        print(f"no checkpoint in {out}: starting a new run", file=sys.stderr)
+    if progress:
+        print(f"FCN {count_parameters(trainer.model) / 1e6:.2f} M parameters; {len(train_set)} training faces, "
+              f"{0 if val_set is None else len(val_set)} validation; {trainer.steps_per_epoch} steps/epoch, "
+              f"{trainer.total_steps} steps; device {dev}, amp {amp}, channels_last {channels_last}",
+              file=sys.stderr)
+    summary = trainer.run(max_minutes=max_minutes, max_steps=max_steps, t0=t0)
+    if export_weights:
+        summary["weights_sha256"] = trainer.export(export_weights)
+        summary["weights"] = os.fspath(export_weights)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1, default=float)
+    return summary
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="300-W root folder (afw/, helen/trainset/, lfpw/trainset/, lfpw/testset/)")
+    p.add_argument("--packed", help="packed crops (.npz from `python -m ectfast.data pack`); preferred over --data")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, summary.json")
+    p.add_argument("--epochs", type=int, default=None, help=f"default {DEFAULTS['epochs']}")
+    p.add_argument("--batch-size", type=int, default=None, help=f"default {DEFAULTS['batch_size']}")
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate, default {DEFAULTS['lr']}")
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--input-size", type=int, default=None, help="crop side (256 for the shipped model)")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after M minutes")
+    p.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) at this global step")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (or OUT/light.pt)")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps")
+    p.add_argument("--val-every", type=int, default=None, help="validate every N steps (default: each epoch)")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N faces of each split")
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--workers", type=int, default=4, help="decoding threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--log-lines", action="store_true",
+                   help="print one line per log record instead of a progress bar (for logs/pipes)")
+    p.add_argument("--export-weights", metavar="FILE",
+                   help="write the best model as shipped fp16 weights (e.g. python/ectfast/data/fcn_300w.pt)")
+
+
+def run(args) -> int:
+    try:
+        s = train(args.data, args.out, packed=args.packed, epochs=args.epochs, batch_size=args.batch_size,
+                  lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, input_size=args.input_size,
+                  max_minutes=args.max_minutes, max_steps=args.max_steps, resume=args.resume,
+                  device=args.device, amp=args.amp, compile_model=args.compile, ckpt_every=args.ckpt_every,
+                  val_every=args.val_every, log_every=args.log_every, limit=args.limit,
+                  augment=not args.no_augment,
+                  progress=False if args.quiet else ("lines" if args.log_lines else True), export_weights=args.export_weights,
+                  workers=args.workers)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"ectfast train: {e}", file=sys.stderr)
+        return 2
+    best = s["best_nme"] if math.isfinite(s["best_nme"]) else None
+    print(json.dumps({"step": s["step"], "total_steps": s["total_steps"], "stopped": s["stopped"], "best_nme": best}))
+    if s["stopped"] != "done":
+        print(f"stopped at step {s['step']} of {s['total_steps']} ({s['stopped']}): "
+              f"continue with the same command plus --resume", file=sys.stderr)
+    return 0

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Train the FCN on the lent GPU machine, one device call (<= 10 min) at a time; resumable.
+#
+# Before the first call (here, on the development machine; the data must not be committed):
+#   PYTHONPATH=python python -m ectfast.data pack --data ../shared/data/300w --out .devdata/300w_288.npz
+#       (34 MiB: 2012 training + 224 validation faces as JPEG margin crops; .devdata/ is ignored)
+# Each device call (tool `run`, carry [".devdata/300w_288.npz", ".devdata/ckpt"], timeout_s 600):
+#   bash tools/train_on_device.sh       # env: EPOCHS (default auto) BS LR CALL_MINUTES COMPILE RUN
+# EPOCHS=auto (first call only): times 20 training steps on the GPU (bench/fcn.py --train) and
+# picks the number of epochs that fits TRAIN_BUDGET_MIN minutes of training (default 22, i.e.
+# three calls inside a 30-minute device budget); later calls take it from the checkpoint.
+# After each call, copy what came back into .devdata/ckpt/ (so a cold machine can resume):
+#   mkdir -p .devdata/ckpt && cp <files_at>/light.pt.part-* .devdata/ckpt/
+# When training is done, join the shipped weights and commit them:
+#   cat <files_at>/fcn_300w.pt.part-* > python/ectfast/data/fcn_300w.pt
+#
+# Resume: the full checkpoint (runs/fcn/last.pt: weights + AdamW state + RNG + step) stays on the
+# machine while it is warm (call again within its idle window): the next call then continues
+# exactly. On a fresh machine the script rebuilds runs/fcn/light.pt from the carried parts and
+# the trainer continues at the same step, data order and schedule with fresh optimizer moments
+# (the full checkpoint, ~120 MB, cannot travel: 64 MiB limit each way, 16 MiB per file back).
+# Needs only what the device image has: torch (CUDA), numpy, tqdm, and OpenCV or torchvision
+# to decode the packed JPEGs; the augmentation runs on the GPU (affine_grid / grid_sample).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=python PYTHONUNBUFFERED=1
+PACKED=${PACKED:-.devdata/300w_288.npz}
+RUN=${RUN:-runs/fcn}
+CARRIED=${CARRIED:-.devdata/ckpt}
+EPOCHS=${EPOCHS:-auto}
+TRAIN_BUDGET_MIN=${TRAIN_BUDGET_MIN:-22}
+CALL_MINUTES=${CALL_MINUTES:-9.2}   # whole call, bench and export included
+BS=${BS:-64}
+LR=${LR:-5e-4}
+OUT=${OUT:-/tmp/fcn_out}
+EXTRA=()
+[ "${COMPILE:-0}" = 1 ] && EXTRA+=(--compile)
+mkdir -p "$RUN" "$OUT"
+
+[ -f "$PACKED" ] || { echo "missing $PACKED: pack it first (see the top of this script) and carry .devdata" >&2; exit 2; }
+if [ ! -f "$RUN/last.pt" ] && [ ! -f "$RUN/light.pt" ] && compgen -G "$CARRIED/light.pt.part-*" >/dev/null; then
+  cat "$CARRIED"/light.pt.part-* > "$RUN/light.pt"
+  echo "cold machine: resuming from the carried light checkpoint" >&2
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+
+EP_ARGS=()
+if [ "$EPOCHS" = auto ]; then
+  if [ ! -f "$RUN/last.pt" ] && [ ! -f "$RUN/light.pt" ]; then
+    python3 bench/fcn.py --skip-forward --no-compile --train --train-batch "$BS" --json "$OUT/bench.json"
+    EPOCHS=$(python3 -c "import json; r = (json.load(open('$OUT/bench.json')).get('train') or [{}])[0]; \
+print(max(10, min(400, int(r['epochs_per_min'] * $TRAIN_BUDGET_MIN * 0.85))) if 'epochs_per_min' in r else 150)")
+    echo "EPOCHS=auto -> $EPOCHS epochs for about $TRAIN_BUDGET_MIN minutes of training" >&2
+    EP_ARGS=(--epochs "$EPOCHS")
+  fi
+else
+  EP_ARGS=(--epochs "$EPOCHS")
+fi
+MINUTES=$(python3 -c "print(round($CALL_MINUTES - $SECONDS / 60 - 0.5, 2))")
+echo "training for at most $MINUTES minutes in this call" >&2
+
+set +e
+python3 -m ectfast.cli train --packed "$PACKED" --out "$RUN" --resume "${EP_ARGS[@]}" \
+  --batch-size "$BS" --lr "$LR" --max-minutes "$MINUTES" --ckpt-every 300 --log-every 50 --log-lines \
+  --workers 16 --export-weights "$RUN/fcn_300w.pt" "${EXTRA[@]}" 2>&1 | tee "$OUT/train.log"
+rc=${PIPESTATUS[0]}
+set -e
+
+# what comes back (<= 8 files, <= 16 MiB each)
+[ -f "$RUN/light.pt" ] && split -b 15M -d "$RUN/light.pt" "$OUT/light.pt.part-"
+[ -f "$RUN/fcn_300w.pt" ] && split -b 15M -d "$RUN/fcn_300w.pt" "$OUT/fcn_300w.pt.part-"
+cp "$RUN/log.jsonl" "$OUT/" 2>/dev/null || true
+cp "$RUN/summary.json" "$OUT/" 2>/dev/null || true
+ls -la "$OUT"
+exit "$rc"
