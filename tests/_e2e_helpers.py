@@ -114,9 +114,11 @@ class FiducialEstimator:
 
     map_size: 256 (maps as fitted) or 64 (the FusionNet's size, fitted with upsample=4);
     outlier_fraction: landmarks whose peak is moved >= 60 px away (seeded, per face);
-    occluded: landmark indices whose maps are all zero."""
+    occluded: landmark indices whose maps are all zero; strict=False: crops without the dots get
+    the template at the standard landmark-box placement instead of an AssertionError."""
 
-    def __init__(self, template, *, map_size=256, outlier_fraction=0.0, occluded=(), seed=0):
+    def __init__(self, template, *, map_size=256, outlier_fraction=0.0, occluded=(), seed=0, strict=True):
+        self.strict = strict
         self.template = np.asarray(template, float)
         self.map_size = map_size
         self.outlier_fraction = outlier_fraction
@@ -136,8 +138,14 @@ class FiducialEstimator:
         for c in crops:
             dots = find_dots(c)
             if np.isnan(dots).any():
-                raise AssertionError("fiducial dots not visible in the crop")
-            M = fit_similarity(self.template[list(DOT_LANDMARKS)], dots)
+                if self.strict:
+                    raise AssertionError("fiducial dots not visible in the crop")
+                # no dots (e.g. a grey image): the template where a landmark-box crop puts it
+                lo, hi = self.template.min(0), self.template.max(0)
+                k = 256 / 1.3 / (hi - lo).max()
+                M = np.array([[k, 0, 127.5 - k * (lo[0] + hi[0]) / 2], [0, k, 127.5 - k * (lo[1] + hi[1]) / 2]])
+            else:
+                M = fit_similarity(self.template[list(DOT_LANDMARKS)], dots)
             shapes.append(self.template @ M[:, :2].T + M[:, 2])
         shapes = np.array(shapes)
         self.crop_shapes.extend(shapes)

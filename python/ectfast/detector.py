@@ -216,7 +216,13 @@ class NetEstimator:
             import torch
         except ImportError:
             raise ImportError("the FCN needs PyTorch: pip install 'ectfast[torch]'") from None
-        model = importlib.import_module("ectfast.model")
+        try:
+            model = importlib.import_module("ectfast.model")
+        except ModuleNotFoundError as e:
+            if e.name not in ("ectfast.model", "ectfast"):
+                raise
+            raise ImportError("the FCN module ectfast.model is missing from this installation, so no "
+                              "trained weights can be loaded") from None
         self.torch = torch
         self.device = resolve_device(device)
         net = model.load_pretrained(None if weights is None else os.fspath(weights), device=self.device)
