@@ -25,7 +25,7 @@ from ectfast.synthetic import TARGET_SIGMA_256, gaussian_maps, make_maps
 
 DOT_LANDMARKS = (36, 45, 8)
 DOT_COLOURS_BGR = ((0, 255, 0), (255, 0, 255), (255, 255, 0))  # green, magenta, cyan
-_NAMES = ("box_from_landmarks", "crop_face", "transform_points", "invert")
+_NAMES = ("box_from_landmarks", "crop_face")  # what the pipeline uses
 
 
 # ------------------------------------------------------------------ ectfast.data (or a stand-in)
@@ -52,7 +52,7 @@ def _standin_module():
     def invert(M):
         return cv2.invertAffineTransform(np.asarray(M, float))
 
-    for n in _NAMES:
+    for n in ("box_from_landmarks", "crop_face", "transform_points", "invert"):
         setattr(m, n, locals()[n])
     m.__standin__ = True
     return m

@@ -50,7 +50,7 @@ HAAR_DY = 0.1601
 HAAR_SW = 0.8525
 HAAR_SH = 0.8396
 
-_DATA_NAMES = ("box_from_landmarks", "crop_face", "transform_points", "invert")
+_DATA_NAMES = ("box_from_landmarks", "crop_face")
 
 
 def _data():
@@ -277,6 +277,17 @@ def crop_faces(images_bgr: Sequence[np.ndarray], image_index: Sequence[int], box
     return crops, np.stack(Ms) if Ms else np.zeros((0, 2, 3))
 
 
+def crop_to_image(points: np.ndarray, Ms: np.ndarray) -> np.ndarray:
+    """Map (k, n, 2) crop points back to image pixels with the inverses of the (k, 2, 3)
+    image -> crop affines M (x_crop = M[:, :2] x_image + M[:, 2])."""
+    A = np.asarray(Ms, dtype=np.float64)[:, :, :2]
+    t = np.asarray(Ms, dtype=np.float64)[:, :, 2]
+    if (np.abs(np.linalg.det(A)) < 1e-12).any():
+        raise ValueError("crop transform: singular affine (an empty face box?)")
+    Ainv = np.linalg.inv(A)
+    return np.einsum("kij,knj->kni", Ainv, np.asarray(points, dtype=np.float64) - t[:, None, :])
+
+
 def run_pipeline(estimator: Callable, crops_bgr: Sequence[np.ndarray], Ms: np.ndarray, methods: Sequence[str],
                  *, pdm=None, backend: str = "auto", batch_size: int = 16, fit_options: Optional[dict] = None,
                  progress=None) -> dict:
@@ -288,7 +299,6 @@ def run_pipeline(estimator: Callable, crops_bgr: Sequence[np.ndarray], Ms: np.nd
     from . import _dispatch
     from .fit import fit
 
-    data = _data()
     k = len(crops_bgr)
     out = {m: {"crop_landmarks": [], "confidence": [], "visible": []} for m in methods}
     keep_on_device = backend == "cuda" or (backend == "auto" and "cuda" in _dispatch.backends())
@@ -314,8 +324,7 @@ def run_pipeline(estimator: Callable, crops_bgr: Sequence[np.ndarray], Ms: np.nd
         res = out[m]
         for key in ("crop_landmarks", "confidence", "visible"):
             res[key] = np.concatenate(res[key]) if res[key] else np.zeros((0,))
-        res["landmarks"] = np.stack([np.asarray(data.transform_points(pts, data.invert(M)), dtype=np.float64)
-                                     for pts, M in zip(res["crop_landmarks"], Ms)]) if k else np.zeros((0, 0, 2))
+        res["landmarks"] = crop_to_image(res["crop_landmarks"], Ms) if k else np.zeros((0, 0, 2))
     return out
 
 

@@ -61,6 +61,7 @@ class EvalResult:
     norm: str = "inter-ocular"
     table: str = ""
     files: Dict[str, str] = field(default_factory=dict)
+    plot_labels: List[str] = field(default_factory=list)  #: the CED plot's curves (with out=)
 
 
 def parse_methods(methods) -> List[str]:
@@ -290,7 +291,8 @@ def markdown_table(result: EvalResult) -> str:
     return "\n".join(lines) + "\n" + note + "\n"
 
 
-def plot_ced(result: EvalResult, path: str, max_error: float = 0.10) -> None:
+def plot_ced(result: EvalResult, path: str, max_error: float = 0.10) -> List[str]:
+    """Write the CED plot (one curve per method) to ``path``; returns the curves' legend labels."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -311,6 +313,7 @@ def plot_ced(result: EvalResult, path: str, max_error: float = 0.10) -> None:
         ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
         fig.savefig(path)
+        return [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]
     finally:
         plt.close(fig)
 
@@ -345,7 +348,7 @@ def write_outputs(result: EvalResult, out) -> Dict[str, str]:
                 for k, t in enumerate(v["thresholds"]):
                     w.writerow([DISPLAY[m], f"{t:.2f}", f"{v['precision'][k]:.4f}", f"{v['recall'][k]:.4f}",
                                 int(v["tp"][k]), int(v["fp"][k]), int(v["fn"][k])])
-    plot_ced(result, files["plot"])
+    result.plot_labels = plot_ced(result, files["plot"])
     return files
 
 
