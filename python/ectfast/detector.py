@@ -14,6 +14,16 @@ The pipeline, for a batch of images:
 Images are NumPy arrays as OpenCV gives them (H x W x 3 uint8, **BGR**; pass ``rgb=True`` for
 RGB arrays), grey H x W, H x W x 1 or 4-channel (BGRA / RGBA) arrays (converted), float arrays
 in [0, 1], or paths to image files.
+
+Command line: ``ectfast detect IMAGE... [--out DIR] [--json] [--weights PATH]`` writes
+``DIR/NAME_landmarks.EXT`` (the image with the face box and landmarks drawn, each point coloured
+red -> green by confidence, points predicted occluded drawn as a cross) and, with ``--json``,
+``DIR/NAME.json`` (image size, method, visibility threshold and per face: box, 68 landmarks,
+confidences, visibility). Images are processed independently: an unreadable/corrupt file, an
+image under 24 x 24 px or an image without a face gets a one-line message and the rest of the
+batch goes on; outputs already written are kept. Exit status: 0 when at least one image gave a
+face, 1 when every image failed, 2 for a setup error (no weights, bad option) -- a message,
+never a traceback.
 """
 from __future__ import annotations
 
