@@ -342,7 +342,7 @@ def test_weights_file_round_trip_checksum_and_corruption(tmp_path):
 
 def test_default_weights_path_is_clear_when_absent():
     if has_pretrained():
-        blob = read_weights(os.path.join(ROOT, "python", "ectfast", "data", "fcn_300w.pt"))
+        blob = read_weights(os.path.join(ROOT, "python", "ectfast", "assets", "fcn_300w.pt"))
         assert blob["n_landmarks"] == 68
     else:
         with pytest.raises(FileNotFoundError, match="fcn_300w.pt"):

@@ -1,6 +1,6 @@
-"""Build the default PDM shipped in python/ectfast/data/pdm_300w.npz.
+"""Build the default PDM shipped in python/ectfast/assets/pdm_300w.npz.
 
-    python tools/build_pdm.py ../shared/data/300w python/ectfast/data/pdm_300w.npz
+    python tools/build_pdm.py ../shared/data/300w python/ectfast/assets/pdm_300w.npz
 
 Uses the 300-W training folders afw, helen/trainset, lfpw/trainset (2012 faces in the shared
 copy). The file holds only the model (mean, basis, eigenvalues), not the shapes.

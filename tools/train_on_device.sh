@@ -12,7 +12,7 @@
 # After each call, copy what came back into .devdata/ckpt/ (so a cold machine can resume):
 #   mkdir -p .devdata/ckpt && cp <files_at>/light.pt.part-* .devdata/ckpt/
 # When training is done, join the shipped weights and commit them:
-#   cat <files_at>/fcn_300w.pt.part-* > python/ectfast/data/fcn_300w.pt
+#   cat <files_at>/fcn_300w.pt.part-* > python/ectfast/assets/fcn_300w.pt
 #
 # Resume: the full checkpoint (runs/fcn/last.pt: weights + AdamW state + RNG + step) stays on the
 # machine while it is warm (call again within its idle window): the next call then continues

@@ -43,7 +43,7 @@ Pixel alignment: 64-map pixel i sits at 256-map coordinate 4 i + 1.5 (the align_
 convention of this upsampling), which is how the 64x64 training targets are placed
 (``ectfast.data.to_map64``).
 
-Shipped weights: ``load_pretrained()`` reads ``python/ectfast/data/fcn_300w.pt`` (written by
+Shipped weights: ``load_pretrained()`` reads ``python/ectfast/assets/fcn_300w.pt`` (written by
 ``ectfast train --export-weights``): a dict ``{format, version, n_landmarks, sha256, meta,
 state_dict}`` with an fp16 state dict whose checksum is verified before use.
 """
@@ -61,7 +61,7 @@ from torch import nn
 N_LANDMARKS = 68
 WEIGHTS_FORMAT = "ectfast-fcn"
 WEIGHTS_VERSION = 1
-DEFAULT_WEIGHTS = os.path.join(os.path.dirname(__file__), "data", "fcn_300w.pt")
+DEFAULT_WEIGHTS = os.path.join(os.path.dirname(__file__), "assets", "fcn_300w.pt")
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 UPSAMPLE_FACTOR = 4
@@ -263,7 +263,7 @@ def has_pretrained(path=None) -> bool:
 
 
 def load_pretrained(path=None, device="cpu", n_landmarks: int = N_LANDMARKS) -> FCN:
-    """The FCN with shipped weights (default python/ectfast/data/fcn_300w.pt), verified by
+    """The FCN with shipped weights (default python/ectfast/assets/fcn_300w.pt), verified by
     checksum, in eval mode, float32 on ``device``."""
     blob = read_weights(DEFAULT_WEIGHTS if path is None else path)
     if blob["n_landmarks"] != n_landmarks:

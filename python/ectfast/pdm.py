@@ -249,7 +249,7 @@ def validate_arrays(mean, basis, eigenvalues, noise_variance) -> None:
 
 
 _DEFAULT: Optional[PDM] = None
-DEFAULT_PDM_PATH = os.path.join(os.path.dirname(__file__), "data", "pdm_300w.npz")
+DEFAULT_PDM_PATH = os.path.join(os.path.dirname(__file__), "assets", "pdm_300w.npz")
 
 
 def default_pdm() -> PDM:

@@ -472,7 +472,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-lines", action="store_true",
                    help="print one line per log record instead of a progress bar (for logs/pipes)")
     p.add_argument("--export-weights", metavar="FILE",
-                   help="write the best model as shipped fp16 weights (e.g. python/ectfast/data/fcn_300w.pt)")
+                   help="write the best model as shipped fp16 weights (e.g. python/ectfast/assets/fcn_300w.pt)")
 
 
 def run(args) -> int:
