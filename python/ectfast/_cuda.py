@@ -34,6 +34,7 @@ import numpy as np
 from ._reference import ReferenceOps
 
 MAP_DTYPES = ("float32", "float16", "bfloat16", "float64")
+MAX_UPSAMPLE = 16
 _MODE_CONFIDENCE, _MODE_WEIGHTED, _MODE_UNWEIGHTED = 0, 1, 2
 
 
@@ -227,8 +228,10 @@ class CudaOps:
 
     # ---------------------------------------------------------------- maps
     def prepare(self, maps, factor: int = 1, n_landmarks: Optional[int] = None) -> DeviceMaps:
-        if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1 or (factor > 1 and factor % 2):
-            raise ValueError(f"upsample: expected 1 or an even integer, got {factor!r}")
+        if (isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1
+                or (factor > 1 and factor % 2) or factor > MAX_UPSAMPLE):
+            raise ValueError(f"upsample: the cuda backend takes 1 or an even integer up to {MAX_UPSAMPLE}, "
+                             f"got {factor!r}")
         fw, arr = _adopt(maps)
         dtype = fw.dtype_name(arr)
         if dtype not in MAP_DTYPES:

@@ -142,8 +142,9 @@ struct Maps {
 Maps parse_maps(const py::handle& obj, int factor, int device) {
   Maps m;
   m.arr = parse(obj, "response_maps", kMapTypes, {-1, -1, -1, -1}, device);
-  if (factor < 1 || (factor > 1 && factor % 2))
-    throw py::value_error("upsample: expected 1 or an even integer, got " + std::to_string(factor));
+  if (factor < 1 || (factor > 1 && factor % 2) || factor > 16)
+    throw py::value_error("upsample: the cuda backend takes 1 or an even integer up to 16, got " +
+                          std::to_string(factor));
   m.desc.data = reinterpret_cast<const void*>(m.arr.ptr);
   m.desc.dtype = dtype_code(m.arr.dtype);
   m.desc.batch = m.arr.shape[0];
@@ -157,7 +158,7 @@ Maps parse_maps(const py::handle& obj, int factor, int device) {
     throw py::value_error("response_maps: maps must be at least 3x3 (as fitted), got " +
                           std::to_string(m.height) + "x" + std::to_string(m.width));
   if (m.height > (int64_t(1) << 30) || m.width > (int64_t(1) << 30))
-    throw py::value_error("response_maps: maps too large");
+    throw py::value_error("response_maps: maps too large (more than 2^30 pixels a side as fitted)");
   if (m.desc.batch * m.desc.n >= (int64_t(1) << 31) - 1)
     throw py::value_error("response_maps: too many maps (B * n must be < 2^31)");
   return m;

@@ -36,70 +36,81 @@ __device__ __forceinline__ float load<__nv_bfloat16>(const __nv_bfloat16* p) {
   return __bfloat162float(__ldg(p));
 }
 
-// One map of the batch, addressed in fitted pixels (after upsampling).
+// One map of the batch, addressed in fitted pixels (after upsampling). Sizes fit in int32 (the
+// bindings limit fitted maps to 2^30 pixels a side).
 template <typename T>
 struct MapView {
-  const T* data;      // this map's first source pixel
-  int64_t src_h, src_w;
-  int f;              // upsampling factor (1 or even)
-  int64_t h, w;       // fitted size = src * f
+  const T* data;  // this map's first source pixel
+  int src_h, src_w;
+  int f;          // upsampling factor (1 or even)
+  int h, w;       // fitted size = src * f
 };
 
-// Taps of the transposed-convolution upsampling (kernel 2f, stride f, padding f/2) for fitted
-// coordinate o >= 0: out[o] = K[j] in[i_hi] + K[j + f] in[i_hi - 1], j = o + f/2 - f i_hi,
-// K[j] = 1 - |j - (2f - 1)/2| / f, computed the way _reference.upsample_matrix computes it so
-// that the float64 weights agree bit for bit.
+// The upsampling kernel's weights, computed on the host exactly as
+// _reference.upsample_matrix does (K[j] = 1 - |j - (2f - 1)/2| / f in float64), so that the
+// weights agree bit for bit; passed by value (a __grid_constant__ kernel parameter).
+constexpr int kMaxFactor = 16;
+struct UpKernel {
+  int f;
+  double k[2 * kMaxFactor];
+};
+
+// Taps of the transposed-convolution upsampling (kernel 2f, stride f, padding f/2) at fitted
+// coordinate o: out[o] = K[j] in[hi] + K[j + f] in[hi - 1] with q = o + f/2, hi = floor(q / f),
+// j = q - f hi (source indices outside the map are zero taps).
 struct Taps {
-  int64_t hi;        // source index of the first tap (hi - 1 is the second)
+  int hi;  // source index of the first tap (hi - 1 is the second)
   double w_hi, w_lo;
 };
 
-__device__ __forceinline__ double kernel_weight(int j, int f) {
-  return 1.0 - fabs((double)j - ((double)(2 * f) - 1.0) / 2.0) / (double)f;
+__device__ __forceinline__ int floor_div(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+__device__ __forceinline__ Taps taps(int o, const UpKernel& u) {
+  const int q = o + u.f / 2;
+  const int hi = floor_div(q, u.f);
+  const int j = q - hi * u.f;
+  return Taps{hi, u.k[j], u.k[j + u.f]};
 }
 
-__device__ __forceinline__ Taps taps(int64_t o, int f) {
-  Taps t;
-  const int64_t q = o + f / 2;
-  t.hi = q / f;
-  const int j = (int)(q - t.hi * f);
-  t.w_hi = kernel_weight(j, f);
-  t.w_lo = kernel_weight(j + f, f);
-  return t;
-}
+// Taps of consecutive coordinates o, o + 1, ... without a division per step.
+struct TapIter {
+  int hi, j;
+  __device__ __forceinline__ TapIter(int o, int f) {
+    const int q = o + f / 2;
+    hi = floor_div(q, f);
+    j = q - hi * f;
+  }
+  __device__ __forceinline__ Taps get(const UpKernel& u) const { return Taps{hi, u.k[j], u.k[j + u.f]}; }
+  __device__ __forceinline__ void next(int f) {
+    if (++j == f) {
+      j = 0;
+      ++hi;
+    }
+  }
+};
 
-// Upsampled value at fitted (row, col) inside the fitted map, from the row and column taps.
+// Upsampled value at a fitted pixel inside the fitted map, from its row and column taps.
 // Computed in float64 (exact for the 4 products and sums near a peak) and then rounded to the
 // fitted type, as _reference.upsample does (einsum in float64, astype(maps.dtype)).
 template <typename T>
 __device__ __forceinline__ typename Fitted<T>::type upsampled(const MapView<T>& m, const Taps& ty,
                                                               const Taps& tx) {
-  const int64_t y0 = ty.hi, y1 = ty.hi - 1, x0 = tx.hi, x1 = tx.hi - 1;
-  const bool vy0 = y0 < m.src_h, vy1 = y1 >= 0, vx0 = x0 < m.src_w, vx1 = x1 >= 0;
+  const int y0 = ty.hi, y1 = ty.hi - 1, x0 = tx.hi, x1 = tx.hi - 1;
+  const bool vx0 = x0 < m.src_w, vx1 = x1 >= 0;
   double r0 = 0.0, r1 = 0.0;
-  if (vy0) {
-    const T* row = m.data + y0 * m.src_w;
+  if (y0 < m.src_h) {
+    const T* row = m.data + (int64_t)y0 * m.src_w;
     const double a = vx0 ? (double)load(row + x0) : 0.0;
     const double b = vx1 ? (double)load(row + x1) : 0.0;
     r0 = tx.w_hi * a + tx.w_lo * b;
   }
-  if (vy1) {
-    const T* row = m.data + y1 * m.src_w;
+  if (y1 >= 0) {
+    const T* row = m.data + (int64_t)y1 * m.src_w;
     const double a = vx0 ? (double)load(row + x0) : 0.0;
     const double b = vx1 ? (double)load(row + x1) : 0.0;
     r1 = tx.w_hi * a + tx.w_lo * b;
   }
   return (typename Fitted<T>::type)(ty.w_hi * r0 + ty.w_lo * r1);
-}
-
-// Value at fitted (row, col); zero outside the map.
-template <typename T, bool UPS>
-__device__ __forceinline__ typename Fitted<T>::type sample(const MapView<T>& m, int64_t row,
-                                                           int64_t col) {
-  using V = typename Fitted<T>::type;
-  if (row < 0 || col < 0 || row >= m.h || col >= m.w) return V(0);
-  if (!UPS) return load(m.data + row * m.w + col);
-  return upsampled(m, taps(row, m.f), taps(col, m.f));
 }
 
 __device__ __forceinline__ double warp_sum(double v) {

@@ -42,7 +42,7 @@ enum { ECTFAST_PATCH_CONFIDENCE = 0, ECTFAST_PATCH_MEANSHIFT_WEIGHTED = 1,
        ECTFAST_PATCH_MEANSHIFT_UNWEIGHTED = 2 };
 
 /* Response maps as stored on the device: C-contiguous (B, n, Hs, Ws) of `dtype`, fitted at
-   (Hs*factor) x (Ws*factor): factor 1 = as stored; an even factor upsamples on the fly exactly
+   (Hs*factor) x (Ws*factor) (< 2^30 a side): factor 1 = as stored; an even factor <= 16 upsamples on the fly exactly
    like the FCN's UpsampleNet (transposed convolution, kernel 2f, stride f, padding f/2). */
 typedef struct {
   const void* data;

@@ -10,98 +10,150 @@ namespace ectfast_cuda {
 namespace {
 
 constexpr int kProjectThreads = 256;
+constexpr int kFacesPerBlock = 8;  // one warp per face in the solve
 constexpr int kSimilarity = 4;
+static_assert(kProjectThreads == 32 * kFacesPerBlock, "one warp per face");
 
-// One block per face. Shared memory: wr[2][n2] (w, w * (t - mean)), A[k*k], rhs[k].
-//   A = lam diag(prior_inv) + S^T W S + eps E,  rhs = S^T W (t - mean) + eps E x0
-// then (when p != null) A = L L^T in place (left-looking, one column per step, rows in
-// parallel) and two triangular solves by one warp.
+// (i, j), j <= i, of entry l of a packed lower triangle (row i starts at i (i + 1) / 2)
+__device__ __forceinline__ void tri_index(int l, int& i, int& j) {
+  i = (int)((sqrt(8.0 * (double)l + 1.0) - 1.0) * 0.5);
+  while ((i + 1) * (i + 2) / 2 <= l) ++i;
+  while (i * (i + 1) / 2 > l) --i;
+  j = l - i * (i + 1) / 2;
+}
+
+// kFacesPerBlock faces per block. Shared memory (float64):
+//   wsT[n2][F] = w,  wrT[n2][F] = w (t - mean)    (face-minor: one 16-byte broadcast per 2 faces)
+//   A[F][k (k + 1) / 2] packed lower triangles,  rhs[F][k]
+// Accumulation: each thread takes entries (i, j) of the lower triangle (and entries of the
+// right-hand side) and sums them for all F faces at once, so one pair of basis loads feeds F FMAs:
+//   A = lam diag(prior_inv) + S^T W S + eps E,  rhs = S^T W (t - mean) + eps E x0.
+// Solve (p != null): warp f factors face f's A = L L^T (column by column; lane 0 takes the pivot,
+// lanes the rows below it) and solves L y = rhs, L^T p = y. With p == null the full A and rhs
+// are written out for a host solve.
 __global__ void __launch_bounds__(kProjectThreads)
 project_kernel(const double* __restrict__ basis, const double* __restrict__ mean,
-               const double* __restrict__ prior_inv, int n2, int k,
+               const double* __restrict__ prior_inv, int n2, int k, int64_t batch,
                const double* __restrict__ w, const double* __restrict__ target,
                const double* __restrict__ x0, double lam, double eps, double* __restrict__ p,
                double* __restrict__ A_out, double* __restrict__ rhs_out, int* __restrict__ flags) {
+  constexpr int F = kFacesPerBlock;
   extern __shared__ double smem[];
-  double* ws = smem;            // n2
-  double* wr = ws + n2;         // n2
-  double* A = wr + n2;          // k * k, row-major, lower triangle used
-  double* rhs = A + k * k;      // k
-  __shared__ int not_spd;
-  const int64_t face = blockIdx.x;
+  const int T = k * (k + 1) / 2;
+  double* wsT = smem;                    // n2 * F
+  double* wrT = wsT + (size_t)n2 * F;    // n2 * F
+  double* A = wrT + (size_t)n2 * F;      // F * T
+  double* rhs = A + (size_t)F * T;       // F * k
+  const int64_t face0 = (int64_t)blockIdx.x * F;
+  const int nf = (int)((batch - face0) < F ? (batch - face0) : F);
   const int tid = threadIdx.x;
-  if (tid == 0) not_spd = 0;
-  for (int i = tid; i < n2; i += kProjectThreads) {
-    const double wi = w ? w[face * n2 + i] : 1.0;
-    ws[i] = wi;
-    wr[i] = wi * (target[face * n2 + i] - mean[i]);
-  }
-  __syncthreads();
-  // lower triangle (i >= j) of S^T W S, and S^T W (t - mean)
-  for (int e = tid; e < k * k; e += kProjectThreads) {
-    const int i = e / k, j = e % k;
-    if (j > i) continue;
-    double acc = 0.0;
-    for (int q = 0; q < n2; ++q) acc += __ldg(basis + q * k + i) * ws[q] * __ldg(basis + q * k + j);
-    if (i == j) acc += lam * prior_inv[i] + (i < kSimilarity ? eps : 0.0);
-    A[i * k + j] = acc;
-  }
-  for (int i = tid; i < k; i += kProjectThreads) {
-    double acc = 0.0;
-    for (int q = 0; q < n2; ++q) acc += __ldg(basis + q * k + i) * wr[q];
-    if (i < kSimilarity) acc += eps * x0[face * k + i];
-    rhs[i] = acc;
-  }
-  __syncthreads();
-  if (!p) {  // host solve: hand back the full symmetric matrix and the right-hand side
-    for (int e = tid; e < k * k; e += kProjectThreads) {
-      const int i = e / k, j = e % k;
-      A_out[face * k * k + e] = j <= i ? A[i * k + j] : A[j * k + i];
+  for (int e = tid; e < n2 * F; e += kProjectThreads) {
+    const int q = e / F, f = e % F;
+    double wi = 0.0, ri = 0.0;
+    if (f < nf) {
+      const int64_t g = (face0 + f) * n2 + q;
+      wi = w ? w[g] : 1.0;
+      ri = wi * (target[g] - mean[q]);
     }
-    for (int i = tid; i < k; i += kProjectThreads) rhs_out[face * k + i] = rhs[i];
+    wsT[e] = wi;
+    wrT[e] = ri;
+  }
+  __syncthreads();
+  for (int l = tid; l < T + k; l += kProjectThreads) {
+    double acc[F];
+#pragma unroll
+    for (int f = 0; f < F; ++f) acc[f] = 0.0;
+    if (l < T) {
+      int i, j;
+      tri_index(l, i, j);
+      for (int q = 0; q < n2; ++q) {
+        const double sij = __ldg(basis + q * k + i) * __ldg(basis + q * k + j);
+        const double2* v = reinterpret_cast<const double2*>(wsT + q * F);
+#pragma unroll
+        for (int h = 0; h < F / 2; ++h) {
+          const double2 u = v[h];
+          acc[2 * h] += sij * u.x;
+          acc[2 * h + 1] += sij * u.y;
+        }
+      }
+      const double diag = i == j ? lam * prior_inv[i] + (i < kSimilarity ? eps : 0.0) : 0.0;
+#pragma unroll
+      for (int f = 0; f < F; ++f) A[f * T + l] = acc[f] + diag;
+    } else {
+      const int i = l - T;
+      for (int q = 0; q < n2; ++q) {
+        const double si = __ldg(basis + q * k + i);
+        const double2* v = reinterpret_cast<const double2*>(wrT + q * F);
+#pragma unroll
+        for (int h = 0; h < F / 2; ++h) {
+          const double2 u = v[h];
+          acc[2 * h] += si * u.x;
+          acc[2 * h + 1] += si * u.y;
+        }
+      }
+#pragma unroll
+      for (int f = 0; f < F; ++f)
+        rhs[f * k + i] = acc[f] + ((i < kSimilarity && f < nf) ? eps * x0[(face0 + f) * k + i] : 0.0);
+    }
+  }
+  __syncthreads();
+  if (!p) {  // host solve: the full symmetric matrices and the right-hand sides
+    for (int f = 0; f < nf; ++f) {
+      for (int e = tid; e < k * k; e += kProjectThreads) {
+        const int i = e / k, j = e % k;
+        const int l = j <= i ? i * (i + 1) / 2 + j : j * (j + 1) / 2 + i;
+        A_out[(face0 + f) * k * k + e] = A[f * T + l];
+      }
+      for (int i = tid; i < k; i += kProjectThreads) rhs_out[(face0 + f) * k + i] = rhs[f * k + i];
+    }
     return;
   }
-  // Cholesky, column by column
+  const int f = tid / 32, lane = tid % 32;
+  if (f >= nf) return;  // no block-wide barrier below
+  double* L = A + f * T;
+  double* y = rhs + f * k;
+  int bad = 0;  // meaningful in lane 0
   for (int j = 0; j < k; ++j) {
-    if (tid == 0) {
-      double d = A[j * k + j];
-      for (int q = 0; q < j; ++q) d -= A[j * k + q] * A[j * k + q];
+    const int rj = j * (j + 1) / 2;
+    double part = 0.0;
+    for (int q = lane; q < j; q += 32) part += L[rj + q] * L[rj + q];
+    part = warp_sum(part);
+    if (lane == 0) {
+      double d = L[rj + j] - part;
       if (!(d > 0.0) || !isfinite(d)) {
-        not_spd = 1;
-        d = 1.0;  // keep going without NaN/inf; the face's p is set to NaN below
+        bad = 1;
+        d = 1.0;  // keep going without NaN/inf; this face's p is set to NaN below
       }
-      A[j * k + j] = sqrt(d);
+      L[rj + j] = sqrt(d);
     }
-    __syncthreads();
-    const double djj = A[j * k + j];
-    for (int i = j + 1 + tid; i < k; i += kProjectThreads) {
-      double v = A[i * k + j];
-      for (int q = 0; q < j; ++q) v -= A[i * k + q] * A[j * k + q];
-      A[i * k + j] = v / djj;
+    __syncwarp();
+    const double djj = L[rj + j];
+    for (int i = j + 1 + lane; i < k; i += 32) {
+      const int ri = i * (i + 1) / 2;
+      double v = L[ri + j];
+      for (int q = 0; q < j; ++q) v -= L[ri + q] * L[rj + q];
+      L[ri + j] = v / djj;
     }
-    __syncthreads();
+    __syncwarp();
   }
-  // L y = rhs, L^T x = y: one warp; lane-parallel dot products
-  if (tid < 32) {
-    for (int i = 0; i < k; ++i) {
-      double acc = 0.0;
-      for (int q = tid; q < i; q += 32) acc -= A[i * k + q] * rhs[q];
-      acc = warp_sum(acc);
-      if (tid == 0) rhs[i] = (rhs[i] + acc) / A[i * k + i];
-      __syncwarp();
-    }
-    for (int i = k - 1; i >= 0; --i) {
-      double acc = 0.0;
-      for (int q = i + 1 + tid; q < k; q += 32) acc -= A[q * k + i] * rhs[q];
-      acc = warp_sum(acc);
-      if (tid == 0) rhs[i] = (rhs[i] + acc) / A[i * k + i];
-      __syncwarp();
-    }
+  for (int i = 0; i < k; ++i) {  // L y = rhs
+    const int ri = i * (i + 1) / 2;
+    double part = 0.0;
+    for (int q = lane; q < i; q += 32) part += L[ri + q] * y[q];
+    part = warp_sum(part);
+    if (lane == 0) y[i] = (y[i] - part) / L[ri + i];
+    __syncwarp();
   }
-  __syncthreads();
-  const bool bad = not_spd != 0;
-  for (int i = tid; i < k; i += kProjectThreads) p[face * k + i] = bad ? (double)NAN : rhs[i];
-  if (bad && tid == 0) flags[ECTFAST_FLAG_NOT_SPD] = 1;
+  for (int i = k - 1; i >= 0; --i) {  // L^T x = y
+    double part = 0.0;
+    for (int q = i + 1 + lane; q < k; q += 32) part += L[q * (q + 1) / 2 + i] * y[q];
+    part = warp_sum(part);
+    if (lane == 0) y[i] = (y[i] - part) / L[i * (i + 1) / 2 + i];
+    __syncwarp();
+  }
+  bad = __shfl_sync(kFullMask, bad, 0);
+  for (int i = lane; i < k; i += 32) p[(face0 + f) * k + i] = bad ? (double)NAN : y[i];
+  if (bad && lane == 0) flags[ECTFAST_FLAG_NOT_SPD] = 1;
 }
 
 // s[f, c] = mean[c] + sum_j S[c, j] p[f, j]; one thread per (face, coordinate)
@@ -145,7 +197,10 @@ __global__ void freeze_kernel(const double* __restrict__ p_old, const double* __
   active_out[face] = (on && sqrt(step2) >= tol) ? 1 : 0;
 }
 
-size_t project_smem(int n2, int k) { return sizeof(double) * ((size_t)2 * n2 + (size_t)k * k + k); }
+size_t project_smem(int n2, int k) {
+  const size_t T = (size_t)k * (k + 1) / 2;
+  return sizeof(double) * ((size_t)2 * n2 * kFacesPerBlock + (size_t)kFacesPerBlock * (T + k));
+}
 
 }  // namespace
 }  // namespace ectfast_cuda
@@ -168,12 +223,13 @@ extern "C" int ectfast_cuda_project(int device, const double* basis, const doubl
   int current = 0;
   ECTFAST_CUDA_TRY(cudaGetDevice(&current));
   ECTFAST_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, current));
-  if (smem + 64 > (size_t)optin) return ECTFAST_CUDA_EINVAL;  // the PDM is too large for one block
+  if (smem > (size_t)optin) return ECTFAST_CUDA_EINVAL;  // the PDM is too large for one block
   if (smem > 48 * 1024)
     ECTFAST_CUDA_TRY(cudaFuncSetAttribute(project_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           (int)smem));
-  project_kernel<<<(unsigned)batch, kProjectThreads, smem, static_cast<cudaStream_t>(stream)>>>(
-      basis, mean, prior_inv, n2, k, w, target, x0, lam, eps, p, A, rhs, flags);
+  const unsigned grid = (unsigned)((batch + kFacesPerBlock - 1) / kFacesPerBlock);
+  project_kernel<<<grid, kProjectThreads, smem, static_cast<cudaStream_t>(stream)>>>(
+      basis, mean, prior_inv, n2, k, batch, w, target, x0, lam, eps, p, A, rhs, flags);
   return launch_status();
 }
 

@@ -23,37 +23,37 @@ __device__ __forceinline__ void better(V& v, int64_t& i, V ov, int64_t oi) {
 
 template <typename V>
 __device__ __forceinline__ void consider(V val, int64_t idx, V& best, int64_t& bidx, bool& bad) {
-  // isfinite: NaN/inf set the flag; within one thread indices grow, so '>' keeps the first.
   if (!isfinite(val)) {
-    bad = true;
-  } else if (val > best) {
+    bad = true;  // NaN/inf: flagged (fit raises), never selected
+  } else if (val > best || (val == best && idx < bidx)) {
     best = val;
     bidx = idx;
   }
 }
 
-
-// MODE 0: plain loads; 1: 16-byte vector loads (map size and base 16-byte aligned); 2: upsampled.
+// One block per map. MODE 0: plain loads; 1: 16-byte vector loads (map size and base 16-byte
+// aligned); 2: upsampled on the fly (each thread keeps its column's taps and walks the rows).
 template <typename T, int MODE>
 __global__ void __launch_bounds__(kArgmaxThreads)
-argmax_kernel(const T* __restrict__ data, int64_t src_h, int64_t src_w, int f,
+argmax_kernel(const T* __restrict__ data, int src_h, int src_w, const __grid_constant__ UpKernel up,
               double* __restrict__ peaks, int* __restrict__ flags) {
   using V = typename Fitted<T>::type;
   const int64_t map = blockIdx.x;
-  const int64_t src_size = src_h * src_w;
+  const int f = MODE == 2 ? up.f : 1;
+  const int64_t src_size = (int64_t)src_h * src_w;
   MapView<T> m{data + map * src_size, src_h, src_w, f, src_h * f, src_w * f};
   V best = -INFINITY;
   int64_t bidx = LLONG_MAX;
   bool bad = false;
   if (MODE == 0) {
     const T* p = m.data;
-    const int64_t size = m.h * m.w;
+    const int64_t size = (int64_t)m.h * m.w;
 #pragma unroll 4
     for (int64_t i = threadIdx.x; i < size; i += kArgmaxThreads) consider<V>(load(p + i), i, best, bidx, bad);
   } else if (MODE == 1) {
     constexpr int N = 16 / (int)sizeof(T);
     const uint4* p = reinterpret_cast<const uint4*>(m.data);
-    const int64_t nvec = m.h * m.w / N;
+    const int64_t nvec = (int64_t)m.h * m.w / N;
 #pragma unroll 4
     for (int64_t i = threadIdx.x; i < nvec; i += kArgmaxThreads) {
       const uint4 raw = __ldg(p + i);
@@ -62,13 +62,14 @@ argmax_kernel(const T* __restrict__ data, int64_t src_h, int64_t src_w, int f,
       for (int e = 0; e < N; ++e) consider<V>(to_float(u[e]), i * N + e, best, bidx, bad);
     }
   } else {
-    for (int64_t row = 0; row < m.h; ++row) {
-      const Taps ty = taps(row, f);
-      for (int64_t col = threadIdx.x; col < m.w; col += kArgmaxThreads)
-        consider<V>(upsampled(m, ty, taps(col, f)), row * m.w + col, best, bidx, bad);
+    for (int col = threadIdx.x; col < m.w; col += kArgmaxThreads) {
+      const Taps tx = taps(col, up);
+      TapIter ty(0, f);
+      for (int row = 0; row < m.h; ++row, ty.next(f))
+        consider<V>(upsampled(m, ty.get(up), tx), (int64_t)row * m.w + col, best, bidx, bad);
     }
   }
-  // block reduction of (best, bidx)
+  // block reduction of (best, bidx): larger value, then smaller index
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
     V ov = __shfl_xor_sync(kFullMask, best, o);
@@ -107,18 +108,20 @@ argmax_kernel(const T* __restrict__ data, int64_t src_h, int64_t src_w, int f,
 // centre pixel (a one-pixel patch gets exactly zero variance, as in the reference).
 template <typename T, bool UPS>
 __global__ void __launch_bounds__(kPatchWarpsPerBlock * 32)
-patch_kernel(const T* __restrict__ data, int64_t src_h, int64_t src_w, int f, int64_t count,
-             const double* __restrict__ shape, int half, double a, double b, double rho, int mode,
-             double* __restrict__ w_out, double* __restrict__ t_out) {
+patch_kernel(const T* __restrict__ data, int src_h, int src_w, const __grid_constant__ UpKernel up,
+             int64_t count, const double* __restrict__ shape, int half, double a, double b,
+             double rho, int mode, double* __restrict__ w_out, double* __restrict__ t_out) {
   const int64_t item = (int64_t)blockIdx.x * kPatchWarpsPerBlock + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (item >= count) return;  // uniform per warp
-  MapView<T> m{data + item * (src_h * src_w), src_h, src_w, f, src_h * f, src_w * f};
+  const int f = UPS ? up.f : 1;
+  MapView<T> m{data + item * ((int64_t)src_h * src_w), src_h, src_w, f, src_h * f, src_w * f};
   const double sx = shape[2 * item], sy = shape[2 * item + 1];
   const double x = clamp_coord(sx, 1.0, (double)m.w - 2.0);
   const double y = clamp_coord(sy, 1.0, (double)m.h - 2.0);
-  const int64_t cx = (int64_t)floor(x + 0.5), cy = (int64_t)floor(y + 0.5);
+  const int cx = (int)floor(x + 0.5), cy = (int)floor(y + 0.5);
   const int P = 2 * half + 1;
+  const int row0 = cy - half;
 
   double wx = 1.0, wy = 1.0;
   if (mode != ECTFAST_PATCH_MEANSHIFT_UNWEIGHTED) {
@@ -127,19 +130,20 @@ patch_kernel(const T* __restrict__ data, int64_t src_h, int64_t src_w, int f, in
     for (int cb = 0; cb < P; cb += 32) {
       const int c = cb + lane;
       const int dx = c - half;
-      const int64_t col = cx + dx;
+      const int col = cx + dx;
       const bool colok = c < P && col >= 0 && col < m.w;
-      Taps tx{};
-      if (UPS && colok) tx = taps(col, f);
       double colsum = 0.0;
       if (colok) {
-        for (int r = 0; r < P; ++r) {
-          const int dy = r - half;
-          const int64_t row = cy + dy;
+        Taps tx{};
+        if (UPS) tx = taps(col, up);
+        TapIter ty(row0, f);
+        for (int r = 0; r < P; ++r, ty.next(f)) {
+          const int row = row0 + r;
           if (row < 0 || row >= m.h) continue;
+          const int dy = r - half;
           double v;
-          if (UPS) v = (double)upsampled(m, taps(row, f), tx);
-          else v = (double)load(m.data + row * m.w + col);
+          if (UPS) v = (double)upsampled(m, ty.get(up), tx);
+          else v = (double)load(m.data + (int64_t)row * m.w + col);
           v = v > 0.0 ? v : 0.0;
           colsum += v;
           my1 += v * dy;
@@ -164,6 +168,9 @@ patch_kernel(const T* __restrict__ data, int64_t src_h, int64_t src_w, int f, in
       wx = sdx > 0.0 ? sigmoid(a * (s0 / sdx - b)) : 0.0;
       wy = sdy > 0.0 ? sigmoid(a * (s0 / sdy - b)) : 0.0;
     }
+    // the xor-butterfly gives every lane the same sums up to rounding; take lane 0's decision
+    wx = __shfl_sync(kFullMask, wx, 0);
+    wy = __shfl_sync(kFullMask, wy, 0);
   }
   if (lane == 0) {
     w_out[2 * item] = wx;
@@ -172,7 +179,7 @@ patch_kernel(const T* __restrict__ data, int64_t src_h, int64_t src_w, int f, in
   if (mode == ECTFAST_PATCH_CONFIDENCE) return;
 
   double vx = 0.0, vy = 0.0;
-  if (wx + wy > 0.0) {  // uniform: every lane holds the reduced weights
+  if (wx + wy > 0.0) {  // uniform: every lane holds lane 0's weights
     // pass 2: omega = patch * gx * gy (separable Gaussian); per column, the Gaussian row sums
     const double rho_i = mode == ECTFAST_PATCH_MEANSHIFT_WEIGHTED ? 2.0 * rho / (wx + wy) : rho;
     const double inv = 1.0 / (2.0 * rho_i);
@@ -181,24 +188,25 @@ patch_kernel(const T* __restrict__ data, int64_t src_h, int64_t src_w, int f, in
     for (int cb = 0; cb < P; cb += 32) {
       const int c = cb + lane;
       const int dx = c - half;
-      const int64_t col = cx + dx;
+      const int col = cx + dx;
       const bool colok = c < P && col >= 0 && col < m.w;
       Taps tx{};
-      if (UPS && colok) tx = taps(col, f);
+      if (UPS && colok) tx = taps(col, up);
+      TapIter ty(row0, f);
       double a0 = 0.0, a1 = 0.0;
       for (int rb = 0; rb < P; rb += 32) {
         // lane k computes the row Gaussian of row rb + k once; the warp shares it by shuffles
         const double ddl = oy + (double)(rb + lane - half);
         const double gl = rb + lane < P ? exp(-(ddl * ddl) * inv) : 0.0;
         const int nr = P - rb < 32 ? P - rb : 32;
-        for (int k = 0; k < nr; ++k) {
+        for (int k = 0; k < nr; ++k, ty.next(f)) {
           const double gy = __shfl_sync(kFullMask, gl, k);
           const int dy = rb + k - half;
-          const int64_t row = cy + dy;
+          const int row = cy + dy;
           if (!colok || row < 0 || row >= m.h) continue;
           double v;
-          if (UPS) v = (double)upsampled(m, taps(row, f), tx);
-          else v = (double)load(m.data + row * m.w + col);
+          if (UPS) v = (double)upsampled(m, ty.get(up), tx);
+          else v = (double)load(m.data + (int64_t)row * m.w + col);
           if (!(v > 0.0)) continue;
           a0 += v * gy;
           a1 += v * gy * dy;
@@ -226,18 +234,28 @@ patch_kernel(const T* __restrict__ data, int64_t src_h, int64_t src_w, int f, in
   }
 }
 
+UpKernel make_up(int f) {
+  UpKernel u{};
+  u.f = f;
+  for (int j = 0; j < 2 * f && j < 2 * kMaxFactor; ++j)
+    u.k[j] = 1.0 - fabs((double)j - ((double)(2 * f) - 1.0) / 2.0) / (double)f;
+  return u;
+}
+
 template <typename T>
 int launch_argmax(const ectfast_maps& mp, double* peaks, int* flags, cudaStream_t stream) {
   const T* data = static_cast<const T*>(mp.data);
   const int64_t maps = mp.batch * mp.n;
   const int64_t size = mp.src_h * mp.src_w;
   const unsigned grid = (unsigned)maps;
+  const UpKernel up = make_up(mp.factor);
+  const int h = (int)mp.src_h, w = (int)mp.src_w;
   if (mp.factor > 1) {
-    argmax_kernel<T, 2><<<grid, kArgmaxThreads, 0, stream>>>(data, mp.src_h, mp.src_w, mp.factor, peaks, flags);
+    argmax_kernel<T, 2><<<grid, kArgmaxThreads, 0, stream>>>(data, h, w, up, peaks, flags);
   } else if ((reinterpret_cast<uintptr_t>(data) % 16 == 0) && ((size * (int64_t)sizeof(T)) % 16 == 0)) {
-    argmax_kernel<T, 1><<<grid, kArgmaxThreads, 0, stream>>>(data, mp.src_h, mp.src_w, 1, peaks, flags);
+    argmax_kernel<T, 1><<<grid, kArgmaxThreads, 0, stream>>>(data, h, w, up, peaks, flags);
   } else {
-    argmax_kernel<T, 0><<<grid, kArgmaxThreads, 0, stream>>>(data, mp.src_h, mp.src_w, 1, peaks, flags);
+    argmax_kernel<T, 0><<<grid, kArgmaxThreads, 0, stream>>>(data, h, w, up, peaks, flags);
   }
   return launch_status();
 }
@@ -249,12 +267,14 @@ int launch_patch(const ectfast_maps& mp, const double* shape, int r, double a, d
   const int64_t count = mp.batch * mp.n;
   const unsigned grid = grid_for(count, kPatchWarpsPerBlock);
   const int half = r / 2;
+  const UpKernel up = make_up(mp.factor);
+  const int h = (int)mp.src_h, wd = (int)mp.src_w;
   if (mp.factor > 1)
     patch_kernel<T, true><<<grid, kPatchWarpsPerBlock * 32, 0, stream>>>(
-        data, mp.src_h, mp.src_w, mp.factor, count, shape, half, a, b, rho, mode, w, target);
+        data, h, wd, up, count, shape, half, a, b, rho, mode, w, target);
   else
     patch_kernel<T, false><<<grid, kPatchWarpsPerBlock * 32, 0, stream>>>(
-        data, mp.src_h, mp.src_w, 1, count, shape, half, a, b, rho, mode, w, target);
+        data, h, wd, up, count, shape, half, a, b, rho, mode, w, target);
   return launch_status();
 }
 
@@ -262,6 +282,9 @@ bool maps_ok(const ectfast_maps* mp) {
   if (!mp || !mp->data) return false;
   if (mp->batch <= 0 || mp->n <= 0 || mp->src_h <= 0 || mp->src_w <= 0 || mp->factor < 1) return false;
   if (mp->factor > 1 && mp->factor % 2) return false;
+  if (mp->factor > kMaxFactor) return false;
+  // fitted sizes fit in int32 (the kernels index rows and columns with int)
+  if (mp->src_h * mp->factor > (int64_t(1) << 30) || mp->src_w * mp->factor > (int64_t(1) << 30)) return false;
   // grid limits: one block per map for argmax (gridDim.x < 2^31)
   if (mp->batch * mp->n >= (int64_t)INT_MAX) return false;
   return true;
@@ -295,7 +318,7 @@ extern "C" int ectfast_cuda_patch(int device, const ectfast_maps* maps, const do
       mode != ECTFAST_PATCH_MEANSHIFT_UNWEIGHTED)
     return ECTFAST_CUDA_EINVAL;
   if (mode != ECTFAST_PATCH_CONFIDENCE && !target) return ECTFAST_CUDA_EINVAL;
-  if (r / 2 > (1 << 20)) return ECTFAST_CUDA_EINVAL;
+  if (r / 2 > (1 << 16)) return ECTFAST_CUDA_EINVAL;
   DeviceGuard guard(device);
   ECTFAST_CUDA_TRY(guard.status());
   cudaStream_t s = static_cast<cudaStream_t>(stream);
