@@ -31,6 +31,45 @@ __device__ __forceinline__ void consider(V val, int64_t idx, V& best, int64_t& b
   }
 }
 
+// The block's (best, index) in every thread (larger value, then smaller index).
+template <typename V>
+__device__ __forceinline__ void block_best(V& best, int64_t& bidx) {
+  __shared__ V sv[kArgmaxThreads / 32];
+  __shared__ int64_t si[kArgmaxThreads / 32];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    V ov = __shfl_xor_sync(kFullMask, best, o);
+    int64_t oi = __shfl_xor_sync(kFullMask, bidx, o);
+    better(best, bidx, ov, oi);
+  }
+  if (threadIdx.x % 32 == 0) {
+    sv[threadIdx.x / 32] = best;
+    si[threadIdx.x / 32] = bidx;
+  }
+  __syncthreads();
+  best = sv[0];
+  bidx = si[0];
+#pragma unroll
+  for (int w = 1; w < kArgmaxThreads / 32; ++w) better(best, bidx, sv[w], si[w]);
+  __syncthreads();  // sv, si may be reused by the next call
+}
+
+// Upsampled argmax over the outputs that source pixel (sy, sx) feeds: rows and columns
+// [f s - f/2, f s + 3f/2) inside the fitted map.
+template <typename T>
+__device__ __forceinline__ void consider_footprint(const MapView<T>& m, const UpKernel& up, int sy,
+                                                   int sx, int first, int step,
+                                                   typename Fitted<T>::type& best, int64_t& bidx,
+                                                   bool& bad) {
+  const int f = m.f, side = 2 * f;
+  const int o0 = f * sy - f / 2, p0 = f * sx - f / 2;
+  for (int e = first; e < side * side; e += step) {
+    const int o = o0 + e / side, p = p0 + e % side;
+    if (o < 0 || p < 0 || o >= m.h || p >= m.w) continue;
+    consider(upsampled(m, taps(o, up), taps(p, up)), (int64_t)o * m.w + p, best, bidx, bad);
+  }
+}
+
 // One block per map. MODE 0: plain loads; 1: 16-byte vector loads (map size and base 16-byte
 // aligned); 2: upsampled on the fly (each thread keeps its column's taps and walks the rows).
 template <typename T, int MODE>
@@ -62,43 +101,59 @@ argmax_kernel(const T* __restrict__ data, int src_h, int src_w, const __grid_con
       for (int e = 0; e < N; ++e) consider<V>(to_float(u[e]), i * N + e, best, bidx, bad);
     }
   } else {
-    for (int col = threadIdx.x; col < m.w; col += kArgmaxThreads) {
-      const Taps tx = taps(col, up);
-      TapIter ty(0, f);
-      for (int row = 0; row < m.h; ++row, ty.next(f))
-        consider<V>(upsampled(m, ty.get(up), tx), (int64_t)row * m.w + col, best, bidx, bad);
+    // Every upsampled value is a weighted mean of its (up to) 4 source taps, weights >= 0 summing
+    // to <= 1 (zero outside), so a value >= u > 0 needs a source tap >= u. With u = the best
+    // upsampled value around the source maximum, only the footprints of the source pixels >= u
+    // ("hot") can hold the first maximum. 1) source maximum (and the non-finite check); 2) u;
+    // 3) the hot footprints -- or a scan of all outputs when u <= 0 or too many are hot.
+    const int64_t src_n = (int64_t)m.src_h * m.src_w;
+    V sbest = -INFINITY;
+    int64_t sidx = LLONG_MAX;
+    for (int64_t i = threadIdx.x; i < src_n; i += kArgmaxThreads) consider<V>(load(m.data + i), i, sbest, sidx, bad);
+    block_best(sbest, sidx);
+    bool full = sidx == LLONG_MAX;
+    double thr = 0.0;
+    if (!full) {
+      V u = -INFINITY;
+      int64_t ui = LLONG_MAX;
+      bool unused = false;
+      consider_footprint(m, up, (int)(sidx / m.src_w), (int)(sidx % m.src_w), threadIdx.x,
+                         kArgmaxThreads, u, ui, unused);
+      block_best(u, ui);
+      // (1 - 1e-12): float64 maps round the weighted mean inexactly; over-including is harmless
+      thr = (double)u * (1.0 - 1e-12);
+      full = !(u > V(0));
+      if (!full) {
+        __shared__ int hot_total;
+        if (threadIdx.x == 0) hot_total = 0;
+        __syncthreads();
+        int hot = 0;
+        for (int64_t i = threadIdx.x; i < src_n; i += kArgmaxThreads) hot += (double)load(m.data + i) >= thr;
+        if (hot) atomicAdd(&hot_total, hot);
+        __syncthreads();
+        full = (int64_t)hot_total * (4 * f * f) > (int64_t)m.h * m.w;
+      }
     }
-  }
-  // block reduction of (best, bidx): larger value, then smaller index
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    V ov = __shfl_xor_sync(kFullMask, best, o);
-    int64_t oi = __shfl_xor_sync(kFullMask, bidx, o);
-    better(best, bidx, ov, oi);
-  }
-  __shared__ V sv[kArgmaxThreads / 32];
-  __shared__ int64_t si[kArgmaxThreads / 32];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) {
-    sv[warp] = best;
-    si[warp] = bidx;
+    if (full) {
+      for (int col = threadIdx.x; col < m.w; col += kArgmaxThreads) {
+        const Taps tx = taps(col, up);
+        TapIter ty(0, f);
+        for (int row = 0; row < m.h; ++row, ty.next(f))
+          consider<V>(upsampled(m, ty.get(up), tx), (int64_t)row * m.w + col, best, bidx, bad);
+      }
+    } else {
+      for (int64_t i = threadIdx.x; i < src_n; i += kArgmaxThreads)
+        if ((double)load(m.data + i) >= thr)
+          consider_footprint(m, up, (int)(i / m.src_w), (int)(i % m.src_w), 0, 1, best, bidx, bad);
+    }
   }
   const int any_bad = __syncthreads_or(bad ? 1 : 0);
-  if (warp == 0) {
-    best = lane < kArgmaxThreads / 32 ? sv[lane] : V(-INFINITY);
-    bidx = lane < kArgmaxThreads / 32 ? si[lane] : LLONG_MAX;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      V ov = __shfl_xor_sync(kFullMask, best, o);
-      int64_t oi = __shfl_xor_sync(kFullMask, bidx, o);
-      better(best, bidx, ov, oi);
-    }
-    if (lane == 0) {
-      if (bidx == LLONG_MAX) bidx = 0;  // no finite value (flagged): report pixel 0
-      peaks[2 * map] = (double)(bidx % m.w);
-      peaks[2 * map + 1] = (double)(bidx / m.w);
-      if (any_bad) flags[ECTFAST_FLAG_NONFINITE] = 1;
-    }
+  block_best(best, bidx);
+  if (threadIdx.x == 0) {
+    if (bidx == LLONG_MAX) bidx = 0;  // no finite value (flagged): report pixel 0
+    peaks[2 * map] = (double)(bidx % m.w);
+    peaks[2 * map + 1] = (double)(bidx / m.w);
+    if (any_bad) flags[ECTFAST_FLAG_NONFINITE] = 1;
   }
 }
 
