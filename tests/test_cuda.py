@@ -213,6 +213,23 @@ def test_runs_on_the_callers_stream(pdm):
     np.testing.assert_array_equal(_np(out), _np(base.landmarks))
 
 
+@pytest.mark.cuda
+def test_any_dlpack_producer_is_accepted(pdm):
+    maps = _maps_for(pdm, 2, seed=17)
+    t = torch.as_tensor(maps, device="cuda")
+
+    class Producer:  # a foreign array type that only speaks DLPack
+        def __dlpack__(self, **kwargs):
+            return t.__dlpack__(**kwargs)
+
+        def __dlpack_device__(self):
+            return t.__dlpack_device__()
+
+    res = ectfast.fit(Producer(), pdm)  # backend "auto" picks cuda for device memory
+    assert res.backend == "cuda"
+    np.testing.assert_array_equal(_np(res.landmarks), _np(ectfast.fit(t, pdm, backend="cuda").landmarks))
+
+
 # ------------------------------------------------------------------ op-level parity (GPU)
 
 

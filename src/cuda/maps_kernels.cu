@@ -11,6 +11,7 @@ namespace {
 
 constexpr int kArgmaxThreads = 256;
 constexpr int kPatchWarpsPerBlock = 4;
+constexpr int kMaxHot = 256;  // upsampled argmax: most source pixels whose footprints are searched
 
 // (value, index) of the first maximum: larger value wins, equal values -> smaller index.
 template <typename V>
@@ -107,6 +108,8 @@ argmax_kernel(const T* __restrict__ data, int src_h, int src_w, const __grid_con
     // ("hot") can hold the first maximum. 1) source maximum (and the non-finite check); 2) u;
     // 3) the hot footprints -- or a scan of all outputs when u <= 0 or too many are hot.
     const int64_t src_n = (int64_t)m.src_h * m.src_w;
+    __shared__ int hot_total;
+    __shared__ int64_t hot_list[kMaxHot];
     V sbest = -INFINITY;
     int64_t sidx = LLONG_MAX;
     for (int64_t i = threadIdx.x; i < src_n; i += kArgmaxThreads) consider<V>(load(m.data + i), i, sbest, sidx, bad);
@@ -124,14 +127,16 @@ argmax_kernel(const T* __restrict__ data, int src_h, int src_w, const __grid_con
       thr = (double)u * (1.0 - 1e-12);
       full = !(u > V(0));
       if (!full) {
-        __shared__ int hot_total;
         if (threadIdx.x == 0) hot_total = 0;
         __syncthreads();
-        int hot = 0;
-        for (int64_t i = threadIdx.x; i < src_n; i += kArgmaxThreads) hot += (double)load(m.data + i) >= thr;
-        if (hot) atomicAdd(&hot_total, hot);
+        for (int64_t i = threadIdx.x; i < src_n; i += kArgmaxThreads) {
+          if ((double)load(m.data + i) >= thr) {
+            const int slot = atomicAdd(&hot_total, 1);
+            if (slot < kMaxHot) hot_list[slot] = i;
+          }
+        }
         __syncthreads();
-        full = (int64_t)hot_total * (4 * f * f) > (int64_t)m.h * m.w;
+        full = hot_total > kMaxHot || (int64_t)hot_total * (4 * f * f) > (int64_t)m.h * m.w;
       }
     }
     if (full) {
@@ -142,9 +147,16 @@ argmax_kernel(const T* __restrict__ data, int src_h, int src_w, const __grid_con
           consider<V>(upsampled(m, ty.get(up), tx), (int64_t)row * m.w + col, best, bidx, bad);
       }
     } else {
-      for (int64_t i = threadIdx.x; i < src_n; i += kArgmaxThreads)
-        if ((double)load(m.data + i) >= thr)
-          consider_footprint(m, up, (int)(i / m.src_w), (int)(i % m.src_w), 0, 1, best, bidx, bad);
+      // the whole block shares the hot footprints (list order does not matter: ties go by index)
+      const int fp = 4 * f * f, side = 2 * f;
+      for (int e = threadIdx.x; e < hot_total * fp; e += kArgmaxThreads) {
+        const int64_t i = hot_list[e / fp];
+        const int r = e % fp;
+        const int o = f * (int)(i / m.src_w) - f / 2 + r / side;
+        const int p = f * (int)(i % m.src_w) - f / 2 + r % side;
+        if (o < 0 || p < 0 || o >= m.h || p >= m.w) continue;
+        consider<V>(upsampled(m, taps(o, up), taps(p, up)), (int64_t)o * m.w + p, best, bidx, bad);
+      }
     }
   }
   const int any_bad = __syncthreads_or(bad ? 1 : 0);
