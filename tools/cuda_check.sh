@@ -21,6 +21,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
 # only the GPU at hand (sm_90 for H100/H200) keeps the build short; override with CUDAARCHS
 export CUDAARCHS="${CUDAARCHS:-90-real}"
 export ECTFAST_CUDA=ON  # fail loudly here rather than silently building CPU-only
+export PATH="$PATH:/usr/local/cuda/bin"  # nvcc, compute-sanitizer
 
 step() {  # step NAME LIMIT_S COMMAND...
   local name=$1 limit=$2
@@ -67,13 +68,15 @@ fi
 if has test; then
   step test_cuda 240 "${RUN_ENV[@]}" "$PY" -m pytest -q -rs tests/test_cuda.py
 fi
-# the sanitizers slow kernels 10-100x: run the op-level tests and small fits only
+# the sanitizers slow kernels 10-100x: run the op-level tests and small fits only. Without
+# torch's caching allocator every tensor is its own cudaMalloc, so memcheck sees out-of-bounds
+# accesses at tensor granularity instead of inside torch's memory pool.
 if has memcheck; then
-  step memcheck 300 "${RUN_ENV[@]}" compute-sanitizer --tool memcheck --error-exitcode 3 --leak-check no \
+  step memcheck 300 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "${RUN_ENV[@]}" compute-sanitizer --tool memcheck --error-exitcode 3 --leak-check no \
     "$PY" -m pytest -q -x tests/test_cuda.py -k "patch_ops_match_reference or argmax_first or parity_single or all_zero or upsample_on_the_fly or bad_inputs"
 fi
 if has racecheck; then
-  step racecheck 300 "${RUN_ENV[@]}" compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 3 \
+  step racecheck 300 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "${RUN_ENV[@]}" compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 3 \
     "$PY" -m pytest -q -x tests/test_cuda.py -k "patch_ops_match_reference and 30 or argmax_first or parity_single"
 fi
 if has bench; then
