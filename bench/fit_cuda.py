@@ -6,8 +6,9 @@
 Measures faces/s for
   * 256x256 float maps (as the FCN's UpsampleNet outputs them): B in {1, 64, 1024};
   * 64x64 maps fitted with upsample=4 (sampled bilinearly inside the kernels): B in {1, 64, 1024, 8192};
-with the device Cholesky and with the host (Eigen) solve of the (4+m)x(4+m) systems
-(ECTFAST_CUDA_SOLVER=host), and prints the memory-bandwidth floor: the time to read every map once
+through ectfast.fit (one binding call per step) with the device Cholesky, through the fused
+path (ectfast._cuda.fit_fused: the whole fit in one call) and with the host (Eigen) solve of the
+(4+m)x(4+m) systems (ECTFAST_CUDA_SOLVER=host), and prints the memory-bandwidth floor: the time to read every map once
 at the device's peak bandwidth (from its bus width and memory clock) and at the bandwidth a plain
 torch reduction over the same maps reaches. The cpu and reference backends run on the same maps
 (reference only for small B: it is plain Python loops); the cuda results are checked against the
@@ -67,6 +68,7 @@ def main(argv=None):
         return 2
 
     from ectfast import _core
+    from ectfast._cuda import fit_fused
 
     info = _core.cuda_device_info(0)
     peak_bw = 2.0 * info["memory_clock_khz"] * 1e3 * info["bus_width_bits"] / 8.0  # bytes/s (DDR)
@@ -110,8 +112,10 @@ def main(argv=None):
                       args.repeats)
             res[solver] = t
         os.environ.pop("ECTFAST_CUDA_SOLVER", None)
+        res["fused"] = timed(lambda: fit_fused(dev, pdm, method=args.method, upsample=factor), args.repeats)
         line = (f"{label:>16} B={B:<5d} cuda {B / res['device']:>10.0f} faces/s "
-                f"({res['device'] * 1e3:8.2f} ms) | host-Eigen solve {B / res['host']:>9.0f} faces/s | "
+                f"({res['device'] * 1e3:8.2f} ms) | fused {B / res['fused']:>10.0f} faces/s | "
+                f"host-Eigen solve {B / res['host']:>9.0f} faces/s | "
                 f"read-once floor {floor_peak * 1e3:7.3f} ms at peak, {floor_meas * 1e3:7.3f} ms at measured "
                 f"{bw / 1e12:.2f} TB/s ({B / floor_peak:.0f} / {B / floor_meas:.0f} faces/s)")
         host = dev.float().cpu().numpy() if B <= max(args.cpu_max_batch, args.reference_max_batch) else None

@@ -230,6 +230,31 @@ def test_any_dlpack_producer_is_accepted(pdm):
     np.testing.assert_array_equal(_np(res.landmarks), _np(ectfast.fit(t, pdm, backend="cuda").landmarks))
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ectfast.METHODS)
+def test_fused_fit_equals_per_op_path(pdm, method):
+    from ectfast._cuda import fit_fused
+
+    maps = _maps_for(pdm, 3, outlier_fraction=0.15, occluded_fraction=0.1, seed=23)
+    dev = torch.as_tensor(maps, device="cuda")
+    for kw in ({}, {"early_stop": 0.05, "iterations": 7}, {"patch_sizes": (45, 21, 7), "iterations": 3}):
+        per_op = ectfast.fit(dev, pdm, backend="cuda", method=method, **kw)
+        fused = fit_fused(dev, pdm, method=method, **kw)
+        for name in ("peaks", "initial", "landmarks", "confidence", "visible"):
+            np.testing.assert_array_equal(_np(getattr(fused, name)), _np(getattr(per_op, name)), err_msg=name)
+        if method == "crm":
+            assert fused.params is None
+        else:
+            np.testing.assert_array_equal(_np(fused.params), _np(per_op.params))
+    small = torch.as_tensor(_maps_for(pdm, 1, size=64, seed=2)[:, :, ::4, ::4].copy(), device="cuda")
+    np.testing.assert_array_equal(_np(fit_fused(small, pdm, method=method, upsample=4).landmarks),
+                                  _np(ectfast.fit(small, pdm, backend="cuda", method=method, upsample=4).landmarks))
+    bad = dev.clone()
+    bad[0, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        fit_fused(bad, pdm, method=method)
+
+
 # ------------------------------------------------------------------ op-level parity (GPU)
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -66,7 +66,6 @@ class _Torch:
     def stream(self) -> int:
         return int(self.torch.cuda.current_stream(self.device).cuda_stream)
 
-    _DT = {"float64": "float64", "float32": "float32", "int32": "int32", "uint8": "uint8", "bool": "bool"}
 
     def empty(self, shape, dtype="float64"):
         return self.torch.empty(shape, dtype=getattr(self.torch, dtype), device=self.device)
@@ -378,3 +377,57 @@ class CudaOps:
     def visible(self, conf, tau):
         self.check()
         return conf >= tau
+
+
+# ------------------------------------------------------------------ the fused path
+
+_METHOD_CODES = {"crm": 0, "crm-pdm": 1, "crm-clm": 2, "crm-clm-c": 3, "ect": 4}
+
+
+def fit_fused(response_maps, pdm=None, *, method: str = "ect", iterations: int = 5,
+              patch_sizes=None, correction_patch_size: int = 30, a: float = 0.25, b: float = 25.0,
+              gamma: float = 20.0, rho: float = 20.0, early_stop: Optional[float] = None,
+              visibility_threshold: float = 0.5, upsample: int = 1):
+    """``ectfast.fit(..., backend="cuda")`` in one call into the extension: the same kernels in
+    the same order (identical results), without Python between the steps (one binding call, the
+    scratch from CUDA's stream-ordered allocator). Same arguments and result as ``ectfast.fit``.
+    """
+    import sys
+
+    from .pdm import PDM, default_pdm
+
+    _fit = sys.modules[__package__ + ".fit"]  # the module (ectfast.fit is also the function's name)
+
+    if pdm is None:
+        pdm = default_pdm()
+    if not isinstance(pdm, PDM):
+        raise TypeError(f"pdm: expected an ectfast.PDM, got {type(pdm).__name__}")
+    if method not in _fit.METHODS:
+        raise ValueError(f"method: expected one of {_fit.METHODS}, got {method!r}")
+    sizes = _fit.schedule(iterations, _fit.DEFAULT_PATCH_SIZES if patch_sizes is None else patch_sizes)
+    r0 = _fit._positive_int("correction_patch_size", correction_patch_size, minimum=2)
+    a = _fit._real("a", a, positive=True)
+    b = _fit._real("b", b)
+    gamma = _fit._real("gamma", gamma, nonneg=True)
+    rho = _fit._real("rho", rho, positive=True)
+    tol = 0.0 if early_stop is None else _fit._real("early_stop", early_stop, positive=True)
+    tau = _fit._real("visibility_threshold", visibility_threshold)
+    factor = _fit._positive_int("upsample", upsample)
+
+    ops = CudaOps()
+    maps = ops.prepare(response_maps, factor, pdm.n_landmarks)
+    B, n, H, W = maps.shape
+    fw = ops._fw
+    basis, mean, prior = ops._pdm(pdm)
+    x0 = ops.prior_params(pdm, B, H, W)
+    peaks, initial, landmarks, w_final = (fw.empty((B, n, 2)) for _ in range(4))
+    params = None if method == "crm" else fw.empty((B, pdm.n_params))
+    d = ops._d
+    ops.core.cuda_fit(maps.desc, maps.factor, d(basis, "basis"), d(mean, "mean"), d(prior, "prior_inv"),
+                      _METHOD_CODES[method], list(sizes), r0, a, b, gamma, rho, float(pdm.noise_variance),
+                      tol, float(_fit.SIMILARITY_EPS), d(x0, "x0"), d(peaks, "peaks"), d(initial, "initial"),
+                      d(landmarks, "landmarks"), None if params is None else d(params, "params"),
+                      d(w_final, "w_final"), d(ops._flags, "flags"), ops._stream)
+    confidence = ops.confidence_of(w_final)
+    return _fit.FitResult(landmarks=landmarks, confidence=confidence, visible=ops.visible(confidence, tau),
+                          initial=initial, peaks=peaks, params=params, method=method, backend="cuda")

@@ -375,6 +375,47 @@ void bind_cuda(py::module_& m) {
     check_cuda(rc, "freeze kernel launch");
   }, py::arg("p_old"), py::arg("p_new"), py::arg("active"), py::arg("tol"), py::arg("p_out"),
      py::arg("active_out"), py::arg("stream"));
+
+  m.def("cuda_fit", [](py::object maps, int factor, py::object basis, py::object mean, py::object prior_inv,
+                       int method, std::vector<int> sizes, int r0, double a, double b, double gamma, double rho,
+                       double rho_tilde, double tol, double eps, py::object x0, py::object peaks,
+                       py::object initial, py::object landmarks, py::object params, py::object w_final,
+                       py::object flags, std::uintptr_t stream) {
+    const int dev = device_of(maps);
+    Maps mp = parse_maps(maps, factor, dev);
+    const int64_t B = mp.desc.batch, n = mp.desc.n;
+    DevArray S = parse(basis, "basis", kF64, {2 * n, -1}, dev);
+    const int64_t k = S.shape[1];
+    if (k < 4 || k > 2 * n) throw py::value_error("basis: expected (2n, 4 + m) with 2n >= 4 + m");
+    if (method < ECTFAST_CRM || method > ECTFAST_ECT) throw py::value_error("method: expected 0..4");
+    if (r0 < 2 || r0 > 4096) throw py::value_error("correction patch size: expected 2 <= r <= 4096");
+    for (int r : sizes)
+      if (r < 2 || r > 4096) throw py::value_error("patch size: expected 2 <= r <= 4096, got " + std::to_string(r));
+    DevArray mu = parse(mean, "mean", kF64, {2 * n}, dev);
+    DevArray pri = parse(prior_inv, "prior_inv", kF64, {k}, dev);
+    DevArray xa = parse(x0, "x0", kF64, {B, k}, dev);
+    DevArray pk = parse(peaks, "peaks", kF64, {B, n, 2}, dev);
+    DevArray in = parse(initial, "initial", kF64, {B, n, 2}, dev);
+    DevArray lm = parse(landmarks, "landmarks", kF64, {B, n, 2}, dev);
+    double* pp = nullptr;
+    if (!params.is_none()) pp = ptr<double>(parse(params, "params", kF64, {B, k}, dev));
+    if (!pp && method != ECTFAST_CRM) throw py::value_error("params: needed for every method but crm");
+    DevArray wf = parse(w_final, "w_final", kF64, {B, n, 2}, dev);
+    DevArray fl = parse(flags, "flags", kI32, {ECTFAST_N_FLAGS}, dev);
+    int rc;
+    {
+      py::gil_scoped_release nogil;
+      rc = ectfast_cuda_fit(dev, &mp.desc, ptr<double>(S), ptr<double>(mu), ptr<double>(pri), (int)(2 * n), (int)k,
+                            method, sizes.data(), (int)sizes.size(), r0, a, b, gamma, rho, rho_tilde, tol, eps,
+                            ptr<double>(xa), ptr<double>(pk), ptr<double>(in), ptr<double>(lm), pp,
+                            ptr<double>(wf), ptr<int>(fl), as_stream(stream));
+    }
+    check_cuda(rc, "fused fit");
+  }, py::arg("maps"), py::arg("factor"), py::arg("basis"), py::arg("mean"), py::arg("prior_inv"),
+     py::arg("method"), py::arg("sizes"), py::arg("r0"), py::arg("a"), py::arg("b"), py::arg("gamma"),
+     py::arg("rho"), py::arg("rho_tilde"), py::arg("tol"), py::arg("eps"), py::arg("x0"), py::arg("peaks"),
+     py::arg("initial"), py::arg("landmarks"), py::arg("params"), py::arg("w_final"), py::arg("flags"),
+     py::arg("stream"), "Algorithm 1 in one call (same kernels and order as the per-op path)");
 }
 
 #else  // built without CUDA

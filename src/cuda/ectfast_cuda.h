@@ -106,6 +106,22 @@ ECTFAST_CUDA_API int ectfast_cuda_freeze(int device, const double* p_old, const 
                                          const uint8_t* active, int k, int64_t batch, double tol,
                                          double* p_out, uint8_t* active_out, void* stream);
 
+/* The whole of Algorithm 1 (python/ectfast/fit.py) in one call, with the same kernels in the
+   same order as the per-op path (so the results are identical), scratch from the stream-ordered
+   allocator (cudaMallocAsync/cudaFreeAsync) and no host synchronisation.
+   method: 0 crm, 1 crm-pdm, 2 crm-clm, 3 crm-clm-c, 4 ect. sizes: n_sizes tuning patch sizes (host
+   array). tol <= 0: no early stop. x0: (B, k) prior placement (fit's prior_params).
+   Outputs: peaks, initial, landmarks (B*n*2), params (B*k; untouched for crm), w_final (B*n*2,
+   the confidence weights at the result); flags as for argmax/project. */
+enum { ECTFAST_CRM = 0, ECTFAST_CRM_PDM = 1, ECTFAST_CRM_CLM = 2, ECTFAST_CRM_CLM_C = 3, ECTFAST_ECT = 4 };
+ECTFAST_CUDA_API int ectfast_cuda_fit(int device, const ectfast_maps* maps, const double* basis,
+                                      const double* mean, const double* prior_inv, int n2, int k,
+                                      int method, const int* sizes, int n_sizes, int r0, double a,
+                                      double b, double gamma, double rho, double rho_tilde,
+                                      double tol, double eps, const double* x0, double* peaks,
+                                      double* initial, double* landmarks, double* params,
+                                      double* w_final, int* flags, void* stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -178,9 +178,10 @@ __global__ void clamp_kernel(const double* __restrict__ in, double* __restrict__
   out[2 * e + 1] = fmin(fmax(in[2 * e + 1], 1.0), ymax);
 }
 
-__global__ void freeze_kernel(const double* __restrict__ p_old, const double* __restrict__ p_new,
-                              const uint8_t* __restrict__ active, int k, int64_t batch, double tol,
-                              double* __restrict__ p_out, uint8_t* __restrict__ active_out) {
+// p_out may alias p_old and active_out may alias active (the fused fit does that): no __restrict__
+__global__ void freeze_kernel(const double* p_old, const double* __restrict__ p_new,
+                              const uint8_t* active, int k, int64_t batch, double tol,
+                              double* p_out, uint8_t* active_out) {
   const int64_t face = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (face >= batch) return;
   const bool on = active[face] != 0;
