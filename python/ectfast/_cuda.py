@@ -66,7 +66,6 @@ class _Torch:
     def stream(self) -> int:
         return int(self.torch.cuda.current_stream(self.device).cuda_stream)
 
-
     def empty(self, shape, dtype="float64"):
         return self.torch.empty(shape, dtype=getattr(self.torch, dtype), device=self.device)
 
