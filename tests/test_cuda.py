@@ -299,8 +299,15 @@ def test_argmax_first_maximum_and_projection_ops(pdm):
     maps[0, :, 6, 2] = 2.0  # a later tie in row-major order
     maps[0, :, 1, 9] = 2.0  # the first one
     ops = CudaOps()
-    dm = ops.prepare(torch.as_tensor(maps, device="cuda"), 1, 68)
+    dm = ops.prepare(torch.as_tensor(maps, device="cuda"), 1, 68)  # 9x11: plain loads
     assert np.all(_np(ops.argmax(dm)) == [9.0, 1.0])
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):  # 16-byte vector loads
+        m8 = torch.zeros((2, 68, 8, 8), dtype=dtype, device="cuda")
+        m8[:, :, 6, 1] = 3.0
+        m8[:, :, 2, 5] = 3.0
+        m8[1, :, 0, 7] = 3.0
+        got = _np(ops.argmax(ops.prepare(m8, 1, 68)))
+        assert np.all(got[0] == [5.0, 2.0]) and np.all(got[1] == [7.0, 0.0])
     # project / shape / clamp / freeze against the reference on random data
     rng = np.random.default_rng(2)
     ref = R.ReferenceOps()
