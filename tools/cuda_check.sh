@@ -5,13 +5,13 @@
 #     bash tools/cuda_check.sh                 # all steps
 #     bash tools/cuda_check.sh build test      # a subset: build test memcheck racecheck bench
 #
-# Logs go to $OUT (default ./cuda_check_out): env.log, build.log, test_cuda.log, memcheck.log,
+# Logs go to $OUT (default /tmp/ectfast_cuda_check): env.log, build.log, test_cuda.log, memcheck.log,
 # racecheck.log, bench.log, and summary.txt (one line per step with its exit status and seconds).
 # Every step has its own time limit so that a full run stays under ~10 minutes; on a 10-minute
 # budget run "build test bench" and "build memcheck racecheck" as two calls if it gets tight.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-$PWD/cuda_check_out}"
+OUT="${OUT:-/tmp/ectfast_cuda_check}"
 mkdir -p "$OUT"
 STEPS="${*:-build test memcheck racecheck bench}"
 PY="${PYTHON:-python3}"
