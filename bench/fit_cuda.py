@@ -78,7 +78,6 @@ def main(argv=None):
           f"median of {args.repeats} runs; backends: {available}")
     pdm = ectfast.default_pdm()
     tdtype = getattr(torch, args.dtype)
-    n = pdm.n_landmarks
 
     def timed(fn, repeats):
         fn()  # warm-up (PDM upload, allocator)
@@ -95,9 +94,7 @@ def main(argv=None):
         t = timed(lambda: maps.amax(), args.repeats)
         return maps.numel() * maps.element_size() / t
 
-    rows = []
-
-    def run(label, maps_host, size, factor, B):
+    def run(label, maps_host, factor, B):
         reps = -(-B // maps_host.shape[0])
         dev = torch.as_tensor(maps_host, device="cuda").to(tdtype)
         dev = dev.repeat(reps, 1, 1, 1)[:B].contiguous()
@@ -120,8 +117,11 @@ def main(argv=None):
                 f"{bw / 1e12:.2f} TB/s ({B / floor_peak:.0f} / {B / floor_meas:.0f} faces/s)")
         host = dev.float().cpu().numpy() if B <= max(args.cpu_max_batch, args.reference_max_batch) else None
         if "cpu" in available and B <= args.cpu_max_batch:
-            t = timed(lambda: ectfast.fit(host, pdm, method=args.method, upsample=factor, backend="cpu"), 1)
-            line += f" | cpu {B / t:.0f} faces/s"
+            try:
+                t = timed(lambda: ectfast.fit(host, pdm, method=args.method, upsample=factor, backend="cpu"), 1)
+                line += f" | cpu {B / t:.0f} faces/s"
+            except Exception as e:  # the cpu backend is another module; report, keep measuring
+                line += f" | cpu failed: {type(e).__name__}: {e}"
         if B <= args.reference_max_batch:
             t0 = time.perf_counter()
             ref = ectfast.fit(host, pdm, method=args.method, upsample=factor, backend="reference")
@@ -130,17 +130,16 @@ def main(argv=None):
             diff = np.abs(got.landmarks.cpu().numpy() - ref.landmarks).max()
             line += f" | reference {B / t:.1f} faces/s, max |cuda - reference| = {diff:.2e} px"
         print(line, flush=True)
-        rows.append((label, B, res["device"], res["host"]))
         del dev
 
     distinct = args.distinct_faces
     shapes = random_pdm_shapes(pdm, distinct, seed=0)
     maps256 = make_maps(shapes, outlier_fraction=0.1, occluded_fraction=0.05, seed=1).maps
     for B in args.batches_256:
-        run("256x256", maps256[: min(B, distinct)], 256, 1, B)
+        run("256x256", maps256[: min(B, distinct)], 1, B)
     maps64 = gaussian_maps((shapes + 0.5) / 4.0 - 0.5, 64, 64, sigma=1.5)
     for B in args.batches_64:
-        run("64x64 upsample=4", maps64[: min(B, distinct)], 64, 4, B)
+        run("64x64 upsample=4", maps64[: min(B, distinct)], 4, B)
     return 0
 
 
