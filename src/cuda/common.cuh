@@ -119,6 +119,18 @@ __device__ __forceinline__ double warp_sum(double v) {
   return v;
 }
 
+__device__ __forceinline__ int warp_min_int(int v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(kFullMask, v, o));
+  return v;
+}
+
+__device__ __forceinline__ int warp_max_int(int v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(kFullMask, v, o));
+  return v;
+}
+
 __device__ __forceinline__ double clamp_coord(double v, double lo, double hi) {
   // fmax/fmin return the number when one operand is NaN: a NaN coordinate becomes `lo`.
   return fmin(fmax(v, lo), hi);

@@ -1,6 +1,7 @@
 // The map-reading kernels of the ectfast CUDA backend: the argmax of each map (Estimation) and
 // the per-(face, landmark) patch statistics (confidence, Eq. 15; mean shift, Eq. 9).
 // Templated on the map dtype and on whether the maps are upsampled on the fly.
+#include <climits>
 #include <float.h>
 #include <limits.h>
 
@@ -194,6 +195,9 @@ patch_kernel(const T* __restrict__ data, int src_h, int src_w, const __grid_cons
   if (mode != ECTFAST_PATCH_MEANSHIFT_UNWEIGHTED) {
     // pass 1: S, and the first two moments of the x and y marginals
     double s0 = 0.0, mx1 = 0.0, mx2 = 0.0, my1 = 0.0, my2 = 0.0;
+    // support of the marginals (first/last column and row with mass): a marginal with its mass
+    // in one column (row) has sigma = 0 exactly, as in the reference (Eq. 15's guard)
+    int cmin = INT_MAX, cmax = INT_MIN, rmin = INT_MAX, rmax = INT_MIN;
     for (int cb = 0; cb < P; cb += 32) {
       const int c = cb + lane;
       const int dx = c - half;
@@ -212,10 +216,18 @@ patch_kernel(const T* __restrict__ data, int src_h, int src_w, const __grid_cons
           if (UPS) v = (double)upsampled(m, ty.get(up), tx);
           else v = (double)load(m.data + (int64_t)row * m.w + col);
           v = v > 0.0 ? v : 0.0;
+          if (v > 0.0) {
+            rmin = min(rmin, r);
+            rmax = max(rmax, r);
+          }
           colsum += v;
           my1 += v * dy;
           my2 += v * (double)(dy * dy);
         }
+      }
+      if (colsum > 0.0) {
+        cmin = min(cmin, c);
+        cmax = max(cmax, c);
       }
       s0 += colsum;
       mx1 += colsum * dx;
@@ -226,12 +238,16 @@ patch_kernel(const T* __restrict__ data, int src_h, int src_w, const __grid_cons
     mx2 = warp_sum(mx2);
     my1 = warp_sum(my1);
     my2 = warp_sum(my2);
+    cmin = warp_min_int(cmin);
+    cmax = warp_max_int(cmax);
+    rmin = warp_min_int(rmin);
+    rmax = warp_max_int(rmax);
     wx = 0.0;
     wy = 0.0;
     if (s0 > 0.0) {
       const double mux = mx1 / s0, muy = my1 / s0;
-      const double sdx = sqrt(fmax(mx2 / s0 - mux * mux, 0.0));
-      const double sdy = sqrt(fmax(my2 / s0 - muy * muy, 0.0));
+      const double sdx = cmax > cmin ? sqrt(fmax(mx2 / s0 - mux * mux, 0.0)) : 0.0;
+      const double sdy = rmax > rmin ? sqrt(fmax(my2 / s0 - muy * muy, 0.0)) : 0.0;
       wx = sdx > 0.0 ? sigmoid(a * (s0 / sdx - b)) : 0.0;
       wy = sdy > 0.0 ? sigmoid(a * (s0 / sdy - b)) : 0.0;
     }
