@@ -226,3 +226,13 @@ def test_iterations_beyond_patch_sizes_repeat_the_last():
     assert schedule(7, (30, 30, 30, 20, 20)) == (30, 30, 30, 20, 20, 20, 20)
     assert schedule(2, (30, 20, 10)) == (30, 20)
     assert schedule(0, (30,)) == ()
+
+
+def test_fit_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np, ectfast; "
+            "r = ectfast.fit(np.zeros((1, 68, 16, 16), np.float32)); "
+            "assert 'torch' not in sys.modules, 'fit imported torch'")
+    subprocess.run([sys.executable, "-c", code], check=True)
