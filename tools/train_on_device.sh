@@ -56,11 +56,12 @@ if [ ! -f "$RUN/last.pt" ] && [ ! -f "$RUN/light.pt" ] && compgen -G "$CARRIED/l
   cat "$CARRIED"/light.pt.part-* > "$RUN/light.pt"
   echo "cold machine: resuming from the carried light checkpoint ($(ls "$CARRIED"/light.pt.part-* | wc -l) parts)" >&2
 fi
+HAS_CUDA=$(python3 -c "import torch; print(int(torch.cuda.is_available()), 'torch', torch.__version__)")
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
-  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+  echo "cuda available: $HAS_CUDA"
 } 2>&1 | tee "$OUT/train.log"
-HAS_CUDA=$(python3 -c "import torch; print(int(torch.cuda.is_available()))")
+HAS_CUDA=${HAS_CUDA%% *}
 if [ "$HAS_CUDA" != 1 ] && [ "${DEVICE:-}" != cpu ]; then
   echo "no CUDA GPU visible to torch: refusing to train on the CPU (set DEVICE=cpu for a dry run)" | tee -a "$OUT/train.log" >&2
   exit 3
