@@ -71,9 +71,21 @@ EP_ARGS=()
 if [ "$EPOCHS" = auto ]; then
   if [ ! -f "$RUN/last.pt" ] && [ ! -f "$RUN/light.pt" ]; then
     if [ "$HAS_CUDA" = 1 ]; then
-      python3 bench/fcn.py --skip-forward --no-compile --train --train-batch "$BS" --json "$RUN/bench.json" 2>&1 | tee -a "$OUT/train.log"
-      EPOCHS=$(python3 -c "import json; r = (json.load(open('$RUN/bench.json')).get('train') or [{}])[0]; \
-print(max(10, min(400, int(r['epochs_per_min'] * $TRAIN_BUDGET_MIN * 0.85))) if 'epochs_per_min' in r else 150)")
+      python3 bench/fcn.py --skip-forward --no-compile --train --train-batch "$BS" --json "$RUN/bench.json" 2>&1 | tee -a "$OUT/train.log" || true
+      EPOCHS=$(python3 - "$RUN/bench.json" "$TRAIN_BUDGET_MIN" 2>>"$OUT/train.log" <<'PY'
+import json, sys
+try:
+    r = (json.load(open(sys.argv[1])).get("train") or [{}])[0]
+except (OSError, ValueError) as e:
+    r = {"error": f"no readable bench.json ({e})"}
+if "epochs_per_min" in r:
+    print(max(10, min(400, int(r["epochs_per_min"] * float(sys.argv[2]) * 0.85))))
+else:
+    print(f"EPOCHS=auto: the training-step timing failed ({r.get('error', 'no result')}); using 150 epochs",
+          file=sys.stderr)
+    print(150)
+PY
+)
       echo "EPOCHS=auto -> $EPOCHS epochs for about $TRAIN_BUDGET_MIN minutes of training" | tee -a "$OUT/train.log" >&2
     else
       EPOCHS=2
