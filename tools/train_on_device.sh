@@ -4,15 +4,19 @@
 # Before the first call (here, on the development machine; the data must not be committed):
 #   PYTHONPATH=python python -m ectfast.data pack --data ../shared/data/300w --out .devdata/300w_288.npz
 #       (34 MiB: 2012 training + 224 validation faces as JPEG margin crops; .devdata/ is ignored)
-# Each device call (tool `run`, carry [".devdata/300w_288.npz", ".devdata/ckpt"], timeout_s 600):
+# Each device call (tool `run`, carry [".devdata/300w_288.npz", ".devdata/ckpt"], timeout_s 600;
+# exact calls and budget: docs/DEVICE_RUNBOOK.md):
 #   bash tools/train_on_device.sh       # env: EPOCHS (default auto) BS LR CALL_MINUTES COMPILE RUN
 # Dry runs / small runs (env, passed to `ectfast train` only when set): DEVICE (cpu|cuda; the
 # script refuses to train without a GPU unless DEVICE=cpu), MAX_STEPS, INPUT_SIZE, LIMIT (first N
 # faces of each split), VAL_EVERY, WORKERS (decoding threads, default min(16, cores)). E.g.
 #   DEVICE=cpu EPOCHS=2 BS=4 INPUT_SIZE=64 LIMIT=16 MAX_STEPS=3 OUT=/tmp/dry_out bash tools/train_on_device.sh
 # EPOCHS=auto (first call only): times 20 training steps on the GPU (bench/fcn.py --train) and
-# picks the number of epochs that fits TRAIN_BUDGET_MIN minutes of training (default 22, i.e.
-# three calls inside a 30-minute device budget); later calls take it from the checkpoint.
+# picks the number of epochs that fits TRAIN_BUDGET_MIN minutes of training (default 15: two
+# calls of ~8 min of training each; a 30-minute session also pays ~1.5 min per machine start and
+# the transfers, see docs/DEVICE_RUNBOOK.md); later calls take it from the checkpoint.
+# CALL_MINUTES (default 9.0): the whole call, bench and export included; lower it when the
+# session's device time left (tool `status`, budget_left_s) is short.
 # After each call, replace .devdata/ckpt/ with what came back (so a cold machine can resume):
 #   rm -rf .devdata/ckpt && mkdir -p .devdata/ckpt && cp <files_at>/light.pt.part-* .devdata/ckpt/
 # What comes back ($OUT, at most 6 files of <= 15 MiB): light.pt.part-NN (2), fcn_300w.pt.part-NN
@@ -35,8 +39,8 @@ PACKED=${PACKED:-.devdata/300w_288.npz}
 RUN=${RUN:-runs/fcn}
 CARRIED=${CARRIED:-.devdata/ckpt}
 EPOCHS=${EPOCHS:-auto}
-TRAIN_BUDGET_MIN=${TRAIN_BUDGET_MIN:-22}
-CALL_MINUTES=${CALL_MINUTES:-9.2}   # whole call, bench and export included
+TRAIN_BUDGET_MIN=${TRAIN_BUDGET_MIN:-15}
+CALL_MINUTES=${CALL_MINUTES:-9.0}   # whole call, bench and export included
 BS=${BS:-64}
 LR=${LR:-5e-4}
 OUT=${OUT:-/tmp/fcn_out}
