@@ -274,6 +274,30 @@ def test_resume_continues_exactly(pdm, tmp_path):
     assert s3["step"] == 4 and s3["stopped"] == "done"
 
 
+def test_cold_light_resume_tracks_best_of_this_call(pdm, tmp_path):
+    """A light checkpoint carried to a folder without best.pt (a fresh machine): the next
+    validation writes best.pt and the export carries its NME, even when an earlier call's
+    best NME (in the light checkpoint) was lower."""
+    from ectfast.train import train
+
+    cs, vs = synthetic_crops(pdm), synthetic_crops(pdm, 4, seed=1)
+    kw = dict(epochs=2, batch_size=4, input_size=32, lr=1e-3, device="cpu", progress=False, log_every=1,
+              train_set=cs, val_set=vs)
+    a, c = tmp_path / "a", tmp_path / "c"
+    s1 = train(out=str(a), max_steps=2, **kw)
+    assert s1["step"] == 2 and 0 < s1["best_nme"] < 5  # validated at the end of epoch 1
+    blob = torch.load(str(a / "light.pt"), weights_only=True)
+    blob["meta"]["train_state"]["best_nme"] = 0.0  # an earlier call's best that nothing beats
+    c.mkdir()
+    torch.save(blob, str(c / "light.pt"))
+    w = str(tmp_path / "w.pt")
+    s2 = train(out=str(c), resume=True, export_weights=w, **kw)
+    assert s2["step"] == 4 and s2["stopped"] == "done"
+    assert (c / "best.pt").is_file() and 0 < s2["best_nme"] < 5
+    meta = read_weights(w)["meta"]
+    assert meta["best_step"] == 4 and meta["val_nme_interocular_crm"] == s2["best_nme"]
+
+
 def test_cli_train_on_packed_data_and_export(pdm, tmp_path):
     from ectfast.cli import main
 

@@ -192,6 +192,11 @@ class Trainer:
         sd = {k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
         self.model.load_state_dict(sd, strict=False)
         self.step, self.best_nme, self.history = ts["step"], ts["best_nme"], list(ts["history"])
+        if not os.path.isfile(os.path.join(self.out, "best.pt")):
+            # a cold machine: the best model of earlier calls is not here, so track the best of
+            # this call (else a validation worse than the carried best never writes best.pt and
+            # --export-weights falls back to the last model without its NME)
+            self.best_nme = float("inf")
         with warnings.catch_warnings():  # the schedule's position (no optimizer step taken)
             warnings.simplefilter("ignore")
             for _ in range(self.step):
