@@ -98,9 +98,6 @@ class CpuOps(ReferenceOps):
             return UpsampledMaps(maps, factor, self.num_threads)
         return _core.cpu_upsample(maps, int(factor), self.num_threads)
 
-    def dims(self, maps):
-        return tuple(maps.shape)
-
     def argmax(self, maps):
         src, factor = _source(maps)
         peaks, n_bad = _core.cpu_argmax(src, factor, self.num_threads)

@@ -162,6 +162,10 @@ class ReferenceOps:
             raise ValueError("response_maps: contains NaN or infinite values")
         return upsample(maps, factor) if factor > 1 else maps
 
+    def dims(self, maps):
+        """(B, n, H, W) of the maps as fitted (after upsampling)."""
+        return tuple(maps.shape)
+
     def argmax(self, maps):
         return estimate_peaks(maps)
 

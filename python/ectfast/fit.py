@@ -71,19 +71,13 @@ def _on_cuda(x) -> bool:
 def _to_numpy(maps) -> np.ndarray:
     if _is_torch(maps):
         t = maps.detach()
-        if t.dtype.is_floating_point and t.dtype not in (_torch_dtype(t, "float32"), _torch_dtype(t, "float64")):
+        if t.dtype.is_floating_point and t.element_size() < 4:
             t = t.float()  # float16 / bfloat16 -> float32 (NumPy has no bfloat16)
         return t.numpy()
     if isinstance(maps, np.ndarray):
         return maps
     raise TypeError(f"response_maps: expected a NumPy array or a torch tensor of shape "
                     f"(B, n, H, W), got {type(maps).__name__}")
-
-
-def _torch_dtype(t, name):
-    import torch  # only reached when the caller already passed a torch tensor
-
-    return getattr(torch, name)
 
 
 def check_maps(maps: np.ndarray, n_landmarks: int) -> np.ndarray:
@@ -180,7 +174,7 @@ def fit(response_maps, pdm: Optional[PDM] = None, *, method: str = "ect", iterat
         maps = ops.prepare(response_maps, factor, pdm.n_landmarks)
     else:
         maps = ops.prepare(check_maps(_to_numpy(response_maps), pdm.n_landmarks), factor)
-    B, n, H, W = ops.dims(maps) if hasattr(ops, "dims") else maps.shape
+    B, n, H, W = ops.dims(maps)
 
     # Estimation: the peak of each response map.
     peaks = ops.argmax(maps)
