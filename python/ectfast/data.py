@@ -210,25 +210,32 @@ def make_targets(landmarks, visible=None, size: int = INPUT_SIZE, sigma: Optiona
     return hi, lo
 
 
+def target_maps_torch(landmarks, visible, size: int, frame: int = INPUT_SIZE):
+    """Training targets on torch tensors (any device) for landmarks (B, n, 2) in the ``frame``
+    (256) pixels of the crop: (B, n, size, size) maps, ``frame / size`` times coarser, sampled
+    as in :func:`make_targets` (sigma 6 * size / frame, the 256 target's peak 1.064, centre
+    ``(x - (f - 1) / 2) / f``); all-zero where ``visible`` (B, n) is False."""
+    import torch
+
+    factor = frame / size
+    sigma = TARGET_SIGMA_256 * frame / 256.0 / factor
+    amp = peak_scale(TARGET_SIGMA_256 * frame / 256.0)
+    dev = landmarks.device
+    c = (landmarks.float() - (factor - 1) / 2.0) / factor
+    vis = visible.to(torch.float32)
+    ax = torch.arange(size, device=dev, dtype=torch.float32)
+    gx = torch.exp(-(ax - c[..., 0:1]) ** 2 / (2 * sigma * sigma))
+    gy = torch.exp(-(ax - c[..., 1:2]) ** 2 / (2 * sigma * sigma)) * (amp * vis)[..., None]
+    return gy[..., :, None] * gx[..., None, :]
+
+
 def make_targets_torch(landmarks, visible, size: int = INPUT_SIZE, factor: int = 4,
                        sigma: Optional[float] = None):
     """:func:`make_targets` on torch tensors (any device): landmarks (B, n, 2), visible (B, n)."""
-    import torch
-
-    sigma = TARGET_SIGMA_256 * size / 256.0 if sigma is None else float(sigma)
-    amp = peak_scale(sigma)
-    dev = landmarks.device
-    lm = landmarks.float()
-    vis = visible.to(torch.float32)
-
-    def maps(c, n, sg):
-        ax = torch.arange(n, device=dev, dtype=torch.float32)
-        gx = torch.exp(-(ax - c[..., 0:1]) ** 2 / (2 * sg * sg))
-        gy = torch.exp(-(ax - c[..., 1:2]) ** 2 / (2 * sg * sg)) * (amp * vis)[..., None]
-        return gy[..., :, None] * gx[..., None, :]
-
-    lo_c = (lm - (factor - 1) / 2.0) / factor
-    return maps(lm, size, sigma), maps(lo_c, size // factor, sigma / factor)
+    if sigma is not None and float(sigma) != TARGET_SIGMA_256 * size / 256.0:
+        raise ValueError(f"sigma: only the design's {TARGET_SIGMA_256 * size / 256.0} is supported here")
+    return (target_maps_torch(landmarks, visible, size, size),
+            target_maps_torch(landmarks, visible, size // factor, size))
 
 
 # ------------------------------------------------------------------ augmentation
@@ -338,6 +345,57 @@ def colour_jitter(x, colour):
     grey = (out * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
     out = (out - grey) * c[:, 2, None, None, None] + grey
     return out.clamp_(0.0, 1.0)
+
+
+@dataclass
+class DegradeConfig:
+    occlude: float = 0.5          #: probability of one synthetic occluder per face
+    occluder_side: Tuple[float, float] = (0.15, 0.5)  #: occluder sides, fraction of the crop side
+    blur: float = 0.2             #: probability of a box blur (3 or 5 px at the 256 frame)
+    grey: float = 0.1             #: probability of converting to grey
+    noise: float = 0.2            #: probability of Gaussian pixel noise (std 0.01 - 0.05)
+
+
+def occlude_and_degrade(x, landmarks, visible, rng: np.random.Generator, cfg: DegradeConfig = DegradeConfig()):
+    """Synthetic occluders and image degradations on a batch of crops x (B, 3, S, S) float in
+    [0, 1] (torch) with landmarks (B, n, 2) in crop pixels: returns (x, visible) where the
+    landmarks under an occluder are marked invisible (their target maps become all zero, as the
+    paper's invisible points). An occluder is an axis-aligned rectangle over a random landmark,
+    filled with a flat random colour plus noise or with a patch of another face of the batch
+    (a real texture); then blur, grey and noise, each with its probability."""
+    import torch
+    import torch.nn.functional as F
+
+    x = x.clone()
+    B, _, S, _ = x.shape
+    vis = np.ones(landmarks.shape[:2], bool) if visible is None else np.array(visible, dtype=bool, copy=True)
+    lm = np.asarray(landmarks, np.float64)
+    for b in range(B):
+        if rng.random() < cfg.occlude:
+            w, h = (rng.uniform(*cfg.occluder_side, 2) * S).astype(int) + 1
+            c = lm[b, rng.integers(lm.shape[1])] + rng.normal(0, 0.05 * S, 2)
+            x0, y0 = int(np.clip(c[0] - w / 2, 0, S - 1)), int(np.clip(c[1] - h / 2, 0, S - 1))
+            x1, y1 = min(S, x0 + w), min(S, y0 + h)
+            if rng.random() < 0.5 and B > 1:
+                o = (b + 1 + rng.integers(B - 1)) % B
+                sx, sy = rng.integers(0, S - (x1 - x0) + 1), rng.integers(0, S - (y1 - y0) + 1)
+                x[b, :, y0:y1, x0:x1] = x[o, :, sy:sy + y1 - y0, sx:sx + x1 - x0]
+            else:
+                col = torch.as_tensor(rng.random(3), dtype=x.dtype, device=x.device)[:, None, None]
+                x[b, :, y0:y1, x0:x1] = (col + 0.05 * torch.randn(3, y1 - y0, x1 - x0, dtype=x.dtype,
+                                         device=x.device, generator=None)).clamp(0, 1)
+            inside = ((lm[b, :, 0] >= x0 - 0.5) & (lm[b, :, 0] <= x1 - 0.5)
+                      & (lm[b, :, 1] >= y0 - 0.5) & (lm[b, :, 1] <= y1 - 0.5))
+            vis[b] &= ~inside
+        if rng.random() < cfg.blur:
+            k = int(rng.choice([3, 5]))
+            x[b:b + 1] = F.avg_pool2d(x[b:b + 1], k, 1, k // 2, count_include_pad=False)
+        if rng.random() < cfg.grey:
+            g = (x[b] * torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(3, 1, 1)).sum(0)
+            x[b] = g[None].expand(3, -1, -1)
+        if rng.random() < cfg.noise:
+            x[b] = (x[b] + float(rng.uniform(0.01, 0.05)) * torch.randn_like(x[b])).clamp(0, 1)
+    return x, vis
 
 
 # ------------------------------------------------------------------ the data sets

@@ -237,11 +237,17 @@ class NetEstimator:
         self.device = resolve_device(device)
         net = model.load_pretrained(None if weights is None else os.fspath(weights), device=self.device)
         self.net = net.eval() if hasattr(net, "eval") else net
+        #: the network's input side: 256 crops are averaged down to it (the lite net takes 128)
+        self.input_size = int(getattr(net, "input_size", CROP_SIZE))
+        #: fit parameters chosen for this network's maps (stored with its weights)
+        self.fit_options = dict((getattr(net, "meta", None) or {}).get("fit", {}))
 
     def __call__(self, crops: np.ndarray):
         torch = self.torch
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(crops, dtype=np.float32)).to(self.device)
+            if x.shape[-1] > self.input_size:  # 2x2 averaging = the training crops' resize
+                x = torch.nn.functional.avg_pool2d(x, x.shape[-1] // self.input_size)
             out = self.net(x)
             return out[1] if isinstance(out, (tuple, list)) else out
 
@@ -323,8 +329,9 @@ def run_pipeline(estimator: Callable, crops_bgr: Sequence[np.ndarray], Ms: np.nd
         if len(shape) != 4 or shape[0] != len(x) or shape[2] != shape[3]:
             raise ValueError(f"estimator: expected ({len(x)}, n, h, h) response maps for {len(x)} crops, got {shape}")
         factor = upsample_factor(shape[-1], x.shape[-1])
+        opts = {**(getattr(estimator, "fit_options", None) or {}), **(fit_options or {})}
         for m in methods:
-            r = fit(maps, pdm, method=m, upsample=factor, backend=backend, **(fit_options or {}))
+            r = fit(maps, pdm, method=m, upsample=factor, backend=backend, **opts)
             out[m]["crop_landmarks"].append(_host(r.landmarks).astype(np.float64))
             out[m]["confidence"].append(_host(r.confidence).astype(np.float64))
             out[m]["visible"].append(_host(r.visible).astype(bool))

@@ -61,7 +61,7 @@ from torch import nn
 N_LANDMARKS = 68
 WEIGHTS_FORMAT = "ectfast-fcn"
 WEIGHTS_VERSION = 1
-DEFAULT_WEIGHTS = os.path.join(os.path.dirname(__file__), "assets", "fcn_300w.pt")
+DEFAULT_WEIGHTS = os.path.join(os.path.dirname(__file__), "assets", "lite_300w.pt")
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 UPSAMPLE_FACTOR = 4
@@ -141,6 +141,13 @@ class FusionNet(nn.Module):
         return self.fuse2(F.relu(self.fuse1(x)))
 
 
+def _check_input(x, multiple: int) -> None:
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"x: expected (B, 3, H, W) RGB in [0, 1], got shape {tuple(x.shape)}")
+    if x.shape[-1] % multiple or x.shape[-2] % multiple:
+        raise ValueError(f"x: H and W must be multiples of {multiple}, got {tuple(x.shape[-2:])}")
+
+
 class FCN(nn.Module):
     """PrimaryNet + FusionNet + UpsampleNet. ``forward(x)`` -> (primary64, fusion64, up256)."""
 
@@ -163,23 +170,164 @@ class FCN(nn.Module):
             nn.init.normal_(out.weight, std=1e-3)
 
     def forward(self, x):
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"x: expected (B, 3, H, W) RGB in [0, 1], got shape {tuple(x.shape)}")
-        if x.shape[-1] % 4 or x.shape[-2] % 4:
-            raise ValueError(f"x: H and W must be multiples of 4, got {tuple(x.shape[-2:])}")
+        _check_input(x, 4)
         x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         c3, c7, primary = self.primary(x)
         fusion = self.fusion(torch.cat([c3, c7], 1))
         return primary, fusion, self.upsample(fusion)
 
 
+# ------------------------------------------------------------------ the lite network (CPU)
+
+
+def _bn_act(cout: int, act: bool = True):
+    return [nn.BatchNorm2d(cout)] + ([nn.ReLU(inplace=True)] if act else [])
+
+
+def conv_bn(cin: int, cout: int, k: int = 1, stride: int = 1, act: bool = True) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, bias=False), *_bn_act(cout, act))
+
+
+def ds_conv(cin: int, cout: int, k: int = 3, d: int = 1, stride: int = 1) -> nn.Sequential:
+    """Depthwise-separable conv: depthwise k x k (dilation d) + BN + ReLU, pointwise + BN + ReLU."""
+    return nn.Sequential(nn.Conv2d(cin, cin, k, stride, d * (k - 1) // 2, dilation=d, groups=cin, bias=False),
+                         *_bn_act(cin), nn.Conv2d(cin, cout, 1, bias=False), *_bn_act(cout))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expand, 3x3 depthwise (stride s), 1x1 project; residual when shapes agree."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, expand: int = 4):
+        super().__init__()
+        h = cin * expand
+        self.body = nn.Sequential(conv_bn(cin, h, 1),
+                                  nn.Conv2d(h, h, 3, stride, 1, groups=h, bias=False), *_bn_act(h),
+                                  conv_bn(h, cout, 1, act=False))
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        y = self.body(x)
+        return x + y if self.residual else y
+
+
+class DilatedInception(nn.Module):
+    """The paper's multi-scale dilated block in depthwise-separable form: parallel depthwise
+    k x k convolutions with dilations ``specs`` = [(k, d), ...], each projected to C / len(specs)
+    channels, concatenated, BN + ReLU, plus the input (residual)."""
+
+    def __init__(self, c: int, specs=((3, 1), (3, 2), (3, 3), (3, 4))):
+        super().__init__()
+        each = c // len(specs)
+        self.branches = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, c, k, 1, d * (k - 1) // 2, dilation=d, groups=c, bias=False),
+                          nn.Conv2d(c, each, 1, bias=False)) for k, d in specs)
+        self.post = nn.Sequential(*_bn_act(each * len(specs)))
+        self.fix = None if each * len(specs) == c else nn.Conv2d(each * len(specs), c, 1, bias=False)
+
+    def forward(self, x):
+        y = self.post(torch.cat([b(x) for b in self.branches], 1))
+        return x + (y if self.fix is None else self.fix(y))
+
+
+def _up2(x):
+    return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+
+
+class LiteNet(nn.Module):
+    """The CPU-sized ECT estimation network (see the module docstring's table).
+
+    PrimaryNet: a MobileNetV2-style encoder (128 -> 64 -> 32 -> 16 -> 8 px) with two dilated
+    inception blocks at 8 px, and a light top-down decoder back to 32 px -> 68 primary maps
+    (32 x 32, intermediate supervision). FusionNet: the primary maps concatenated with the 32-px
+    decoder features, two dilated inception blocks (dilations 1, 2, 3 and a 5x5 d3 branch, as
+    the paper's FusionNet), upsampled to 64 px with the 64-px encoder features -> 68 maps
+    (64 x 64, the paper's FusionNet resolution). ``forward(x)`` -> (primary32, fusion64)."""
+
+    def __init__(self, n_landmarks: int = N_LANDMARKS, width: int = 64, expand: int = 4, map_size: int = 32):
+        super().__init__()
+        self.n_landmarks = n_landmarks
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1))
+        w = width
+        self.stem = nn.Sequential(conv_bn(3, 16, 3, 2), ds_conv(16, 24))                      # 64 px
+        self.enc32 = nn.Sequential(InvertedResidual(24, 40, 2, expand), InvertedResidual(40, 40, expand=expand))      # 32 px
+        self.enc16 = nn.Sequential(InvertedResidual(40, 64, 2, expand), InvertedResidual(64, 64, expand=expand),
+                                   InvertedResidual(64, 64, expand=expand))                                   # 16 px
+        self.enc8 = nn.Sequential(InvertedResidual(64, 96, 2, expand), DilatedInception(96),
+                                  DilatedInception(96))                                        # 8 px
+        self.lat16 = conv_bn(64, w, 1)
+        self.lat32 = conv_bn(40, w, 1)
+        self.top8 = conv_bn(96, w, 1)
+        self.dec16 = ds_conv(w, w)
+        self.dec32 = ds_conv(w, w)
+        self.primary_out = nn.Conv2d(w, n_landmarks, 1)
+        self.fuse_in = conv_bn(w + n_landmarks, w, 1)
+        self.fusion = nn.Sequential(DilatedInception(w, ((3, 1), (3, 2), (3, 3), (5, 3))),
+                                    DilatedInception(w, ((3, 1), (3, 2), (3, 3), (5, 3))))
+        self.map_size = map_size
+        if map_size == 64:
+            self.lat64 = conv_bn(24, w, 1)
+            self.dec64 = ds_conv(w, w)
+        self.fusion_out = nn.Conv2d(w, n_landmarks, 1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for out in (self.primary_out, self.fusion_out):
+            nn.init.normal_(out.weight, std=1e-3)
+
+    def forward(self, x):
+        _check_input(x, 8)
+        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        f64 = self.stem(x)
+        f32 = self.enc32(f64)
+        f16 = self.enc16(f32)
+        f8 = self.enc8(f16)
+        d16 = self.dec16(_up2(self.top8(f8)) + self.lat16(f16))
+        d32 = self.dec32(_up2(d16) + self.lat32(f32))
+        primary = self.primary_out(d32)
+        g = self.fusion(self.fuse_in(torch.cat([d32, primary], 1)))
+        if self.map_size == 64:
+            g = self.dec64(_up2(g) + self.lat64(f64))
+        fusion = self.fusion_out(g)
+        return primary, fusion
+
+
+#: architecture name -> (class, input size, output-layer weight key); "lite" ships
+ARCHS = {"paper": (FCN, 256, "fusion.fuse2.weight"), "lite": (LiteNet, 128, "fusion_out.weight")}
+DEFAULT_ARCH = "lite"
+
+
+def _arch(arch: str):
+    if arch not in ARCHS:
+        raise ValueError(f"arch: expected one of {sorted(ARCHS)}, got {arch!r}")
+    return ARCHS[arch]
+
+
+def build(arch: str = DEFAULT_ARCH, n_landmarks: int = N_LANDMARKS) -> nn.Module:
+    """A fresh network of architecture ``arch`` ('lite' or 'paper'); ``.arch`` and
+    ``.input_size`` are set on it."""
+    cls, size, _ = _arch(arch)
+    model = cls(n_landmarks)
+    model.arch, model.input_size = arch, size
+    return model
+
+
+def input_size(arch: str) -> int:
+    """The crop side the architecture is trained on (its fit frame is always 256)."""
+    return _arch(arch)[1]
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def forward_flops(size: int = 256, n_landmarks: int = N_LANDMARKS) -> int:
-    """Multiply-adds x 2 of one forward pass at ``size`` x ``size`` (convolutions only)."""
-    model = FCN(n_landmarks)
+def forward_flops(size: Optional[int] = None, n_landmarks: int = N_LANDMARKS, arch: str = "paper") -> int:
+    """Multiply-adds x 2 of one forward pass at ``size`` x ``size`` (convolutions only;
+    default: the architecture's input size)."""
+    model = build(arch, n_landmarks)
+    size = model.input_size if size is None else size
     total = 0
 
     def hook(mod, inp, out):
@@ -206,7 +354,7 @@ def state_dict_sha256(state_dict: Dict[str, torch.Tensor]) -> str:
         h.update(key.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -217,8 +365,12 @@ def save_weights(model_or_state, path, meta: Optional[dict] = None) -> str:
     sd = {k: (v.detach().cpu().half() if v.is_floating_point() and k not in _FP32_KEYS
               else v.detach().cpu()).contiguous()
           for k, v in sd.items() if not k.startswith("upsample.")}
-    n = sd["fusion.fuse2.weight"].shape[0]
-    blob = {"format": WEIGHTS_FORMAT, "version": WEIGHTS_VERSION, "n_landmarks": int(n),
+    arch = getattr(model_or_state, "arch", None) or (meta or {}).get("arch") or \
+        next((a for a, (_, _, key) in ARCHS.items() if key in sd), None)
+    if arch is None:
+        raise ValueError("model_or_state: no known output layer: not an FCN of any architecture")
+    n = sd[_arch(arch)[2]].shape[0]
+    blob = {"format": WEIGHTS_FORMAT, "version": WEIGHTS_VERSION, "arch": arch, "n_landmarks": int(n),
             "sha256": state_dict_sha256(sd), "meta": dict(meta or {}), "state_dict": sd}
     path = os.fspath(path)
     tmp = path + ".tmp"
@@ -249,9 +401,13 @@ def read_weights(path) -> dict:
     if got != blob.get("sha256"):
         raise ValueError(f"{path}: checksum mismatch (file says {blob.get('sha256')}, contents give {got}): corrupt weights")
     n = blob.get("n_landmarks")
-    out_w = sd.get("fusion.fuse2.weight")
+    arch = blob.setdefault("arch", "paper")
+    if arch not in ARCHS:
+        raise ValueError(f"{path}: unknown architecture {arch!r} (this ectfast knows {sorted(ARCHS)})")
+    key = ARCHS[arch][2]
+    out_w = sd.get(key)
     if not isinstance(out_w, torch.Tensor) or out_w.ndim != 4:
-        raise ValueError(f"{path}: no FCN output layer (fusion.fuse2.weight) in the state dict")
+        raise ValueError(f"{path}: no {arch} output layer ({key}) in the state dict")
     if out_w.shape[0] != n:
         raise ValueError(f"{path}: n_landmarks {n} disagrees with the output layer")
     return blob
@@ -262,16 +418,18 @@ def has_pretrained(path=None) -> bool:
     return os.path.isfile(os.fspath(path) if path is not None else DEFAULT_WEIGHTS)
 
 
-def load_pretrained(path=None, device="cpu", n_landmarks: int = N_LANDMARKS) -> FCN:
-    """The FCN with shipped weights (default python/ectfast/assets/fcn_300w.pt), verified by
-    checksum, in eval mode, float32 on ``device``."""
+def load_pretrained(path=None, device="cpu", n_landmarks: int = N_LANDMARKS) -> nn.Module:
+    """The network of a weights file (default: the shipped lite network,
+    python/ectfast/assets/lite_300w.pt), its architecture read from the file, verified by
+    checksum, in eval mode, float32 on ``device``; ``.meta`` holds the file's metadata."""
     blob = read_weights(DEFAULT_WEIGHTS if path is None else path)
     if blob["n_landmarks"] != n_landmarks:
         raise ValueError(f"weights have n_landmarks {blob['n_landmarks']}, expected {n_landmarks}")
-    model = FCN(n_landmarks)
+    model = build(blob["arch"], n_landmarks)
     sd = {k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.startswith("upsample.")]
     if missing or unexpected:
         raise ValueError(f"weights do not match the FCN: missing {missing}, unexpected {unexpected}")
+    model.meta = dict(blob.get("meta") or {})
     return model.to(device).eval()

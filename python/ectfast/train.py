@@ -43,13 +43,34 @@ import torch.nn.functional as F
 
 from . import data as D
 from .datasets import TRAIN_SUBSETS, VALIDATION_SUBSETS
-from .model import FCN, count_parameters, read_weights, save_weights
+from . import model as netmod
+from .model import count_parameters, read_weights, save_weights
+from .peaks import subpixel_peaks
 
 CKPT_FORMAT = "ectfast-fcn-checkpoint"
 #: settings that fix the run's data order and schedule: a resume must keep them
-RUN_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "seed", "input_size", "warmup", "n_train")
-DEFAULTS = dict(epochs=60, batch_size=32, lr=5e-4, weight_decay=1e-4, seed=0, input_size=256,
-                warmup=0.03, clip=5.0)
+RUN_KEYS = ("arch", "loss", "epochs", "batch_size", "lr", "weight_decay", "seed", "input_size", "warmup",
+            "n_train", "holdout")
+DEFAULTS = dict(arch="lite", loss=None, epochs=60, batch_size=32, lr=2e-3, weight_decay=1e-4, seed=0,
+                input_size=None, warmup=0.03, clip=5.0, holdout=150)
+#: heatmap loss per architecture when --loss is not given (measured: docs in the module docstring)
+DEFAULT_LOSS = {"lite": "awing", "paper": "l2"}
+FRAME = D.INPUT_SIZE  # the fit's frame: landmarks and targets are placed in the 256 crop
+
+
+def adaptive_wing(pred, target, peak: float, alpha: float = 2.1, omega: float = 14.0, eps: float = 1.0,
+                  theta: float = 0.5, fg_weight: float = 10.0):
+    """Adaptive Wing loss (Wang et al., ICCV 2019) of heatmaps scaled by ``peak`` to [0, 1],
+    with the foreground (target > 0.2, dilated 3x3) weighted ``fg_weight`` + 1."""
+    y = target / peak
+    d = (pred / peak - y).abs()
+    p = alpha - y
+    r = (theta / eps) ** p
+    A = omega / (1 + r) * p * (theta / eps) ** (p - 1) / eps
+    C = theta * A - omega * torch.log1p(r)
+    loss = torch.where(d < theta, omega * torch.log1p((d / eps) ** p), A * d - C)
+    fg = F.max_pool2d((y > 0.2).float(), 3, 1, 1)
+    return (loss * (1 + fg_weight * fg)).mean()
 
 
 def nme_interocular(pred, gt) -> np.ndarray:
@@ -57,13 +78,6 @@ def nme_interocular(pred, gt) -> np.ndarray:
     pred, gt = np.asarray(pred, np.float64), np.asarray(gt, np.float64)
     d = np.linalg.norm(gt[:, 36] - gt[:, 45], axis=-1)
     return np.linalg.norm(pred - gt, axis=-1).mean(-1) / d
-
-
-def argmax_shape(maps) -> torch.Tensor:
-    """(B, n, 2) (x, y) of each map's first maximum (row-major), as ectfast's CRM."""
-    B, n, H, W = maps.shape
-    idx = maps.reshape(B, n, -1).argmax(-1)
-    return torch.stack([idx % W, idx // W], -1).float()
 
 
 def _atomic_save(obj, path) -> None:
@@ -102,20 +116,28 @@ def _set_rng_states(s) -> None:
 class Trainer:
     """One training run (see the module docstring). ``train()`` is the function to call."""
 
-    def __init__(self, train_set: D.CropSet, val_set: Optional[D.CropSet], out: str, *, epochs, batch_size,
-                 lr, weight_decay, seed, input_size, warmup, clip, device, amp, channels_last,
-                 compile_model, ckpt_every, val_every, log_every, progress, augment, data_desc):
+    def __init__(self, train_set: D.CropSet, val_set: Optional[D.CropSet], out: str, *, arch, loss, epochs,
+                 batch_size, lr, weight_decay, seed, input_size, warmup, clip, device, amp, channels_last,
+                 compile_model, ckpt_every, val_every, log_every, progress, augment, data_desc, holdout=0,
+                 total_steps=None):
+        native = netmod.input_size(arch)
+        input_size = native if input_size is None else int(input_size)
         if len(train_set) < batch_size:
             raise ValueError(f"batch_size: {batch_size} is larger than the training set ({len(train_set)} faces)")
-        if input_size % 4 or input_size < 16:
-            raise ValueError(f"input_size: expected a multiple of 4 >= 16, got {input_size}")
+        if input_size % 8 or input_size < 16:
+            raise ValueError(f"input_size: expected a multiple of 8 >= 16, got {input_size}")
+        loss = DEFAULT_LOSS[arch] if loss is None else loss
+        if loss not in ("l2", "awing"):
+            raise ValueError(f"loss: expected 'l2' or 'awing', got {loss!r}")
         self.out = os.fspath(out)
         os.makedirs(self.out, exist_ok=True)
-        self.cfg = dict(epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
-                        weight_decay=float(weight_decay), seed=int(seed), input_size=int(input_size),
+        self.cfg = dict(arch=arch, loss=loss, epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
+                        weight_decay=float(weight_decay), seed=int(seed), input_size=input_size,
                         warmup=float(warmup), clip=float(clip) if clip else 0.0, n_train=len(train_set),
-                        stored_size=train_set.stored_size, context=train_set.context, augment=bool(augment),
-                        data=data_desc)
+                        holdout=int(holdout), stored_size=train_set.stored_size, context=train_set.context,
+                        augment=bool(augment), data=data_desc)
+        #: the crop the landmarks and targets live in: 256 at the native input size (the fit's frame)
+        self.frame = input_size * FRAME // native
         self.device = torch.device(device)
         self.amp = amp
         self.channels_last = channels_last
@@ -123,14 +145,14 @@ class Trainer:
         self.progress = progress is True  # True: tqdm bar; "lines": one line per log record; False: silent
         self.verbose = progress == "lines"
         self.steps_per_epoch = len(train_set) // batch_size
-        self.total_steps = self.cfg["epochs"] * self.steps_per_epoch
+        self.cfg["total_steps"] = int(total_steps) if total_steps else self.cfg["epochs"] * self.steps_per_epoch
         self.val_every = val_every or self.steps_per_epoch
-        self.augment_cfg = D.AugmentConfig() if augment else None
+        self.augment_cfg = D.AugmentConfig(shift=0.08, scale_jitter=(0.88, 1.12)) if augment else None
 
         torch.manual_seed(seed)
         np.random.seed(seed)
         random.seed(seed)
-        self.model = FCN().to(self.device)
+        self.model = netmod.build(arch).to(self.device)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.fwd = torch.compile(self.model) if compile_model else self.model
@@ -139,13 +161,22 @@ class Trainer:
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg["weight_decay"]},
                                       {"params": no_decay, "weight_decay": 0.0}], lr=self.cfg["lr"],
                                      betas=(0.9, 0.999))
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(self.total_steps, self.cfg["warmup"]))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
         self.scaler = torch.amp.GradScaler("cuda", enabled=(amp == "fp16"))
         self.step, self.best_nme, self.history = 0, float("inf"), []
 
         self.train_set, self.val_set = train_set, val_set
         self.images = torch.from_numpy(train_set.images).permute(0, 3, 1, 2).contiguous().to(self.device)
         self._perm_epoch, self._perm = -1, None
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg["total_steps"]
+
+    def _lr_factor(self, step: int) -> float:
+        """Linear warm-up, then cosine to 1 % of the peak over ``total_steps`` (read at each step,
+        so that a time budget can fix the run's length after its first steps)."""
+        return _lr_lambda(self.total_steps, self.cfg["warmup"])(step)
 
     # -------------------------------------------------------------- state
     def state(self) -> dict:
@@ -169,12 +200,19 @@ class Trainer:
                 raise ValueError(f"resume: {k} = {self.cfg[k]!r} differs from {saved[k]!r} in {source}; "
                                  "keep the run's settings or start a new --out")
 
+    def _restore_length(self, saved: dict) -> None:
+        """A resumed run keeps the length (and so the LR schedule) its time budget fixed."""
+        for k in ("total_steps", "budget_minutes", "epochs"):
+            if k in saved:
+                self.cfg[k] = saved[k]
+
     def load(self, path) -> None:
         """Exact resume from a full checkpoint."""
         ck = torch.load(path, map_location=self.device, weights_only=False)
         if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
             raise ValueError(f"{path}: not an ectfast FCN checkpoint")
         self._check_config(ck["config"], path)
+        self._restore_length(ck["config"])
         self.model.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
@@ -189,6 +227,7 @@ class Trainer:
         if not ts:
             raise ValueError(f"{path}: weights without a training position; cannot resume from it")
         self._check_config(ts["config"], path)
+        self._restore_length(ts["config"])
         sd = {k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
         self.model.load_state_dict(sd, strict=False)
         self.step, self.best_nme, self.history = ts["step"], ts["best_nme"], list(ts["history"])
@@ -204,7 +243,8 @@ class Trainer:
 
     # -------------------------------------------------------------- data
     def batch(self, step: int):
-        """(x (B, 3, S, S) float, t256, t64) of a global step: fixed by (seed, step)."""
+        """(x (B, 3, S, S) float, [target per network output], landmarks (B, n, 2) in the frame,
+        visible) of a global step: fixed by (seed, step)."""
         B, seed = self.cfg["batch_size"], self.cfg["seed"]
         epoch, k = divmod(step, self.steps_per_epoch)
         if epoch != self._perm_epoch:
@@ -212,18 +252,30 @@ class Trainer:
             self._perm_epoch = epoch
         idx = np.sort(self._perm[k * B:(k + 1) * B])
         ts = self.train_set
-        size = self.cfg["input_size"]
+        frame = self.frame
+        rng = np.random.default_rng([seed, 2, step])
         if self.augment_cfg is not None:
-            rng = np.random.default_rng([seed, 2, step])
-            A, flips, colour = D.sample_augmentation(rng, B, self.augment_cfg, ts.stored_size, ts.context, size)
+            A, flips, colour = D.sample_augmentation(rng, B, self.augment_cfg, ts.stored_size, ts.context, frame)
         else:
-            A = np.repeat(D.canonical_matrix(ts.stored_size, ts.context, size)[None], B, 0)
+            A = np.repeat(D.canonical_matrix(ts.stored_size, ts.context, frame)[None], B, 0)
             flips, colour = np.zeros(B, bool), None
-        x = D.warp_torch(self.images[torch.as_tensor(idx, device=self.device)], A, size, colour)
+        x = D.warp_torch(self.images[torch.as_tensor(idx, device=self.device)], A, frame, colour)
         lm, vis = D.augment_landmarks(A, flips, ts.landmarks[idx], ts.visible[idx])
-        t256, t64 = D.make_targets_torch(torch.as_tensor(lm, dtype=torch.float32, device=self.device),
-                                         torch.as_tensor(vis, device=self.device), size)
-        return x, t256, t64
+        if self.augment_cfg is not None:
+            x, vis = D.occlude_and_degrade(x, lm, vis, rng)
+        return self._input(x), lm, vis
+
+    def targets(self, outputs, lm, vis):
+        """One target per network output, at that output's resolution, in the frame."""
+        lm_t = torch.as_tensor(lm, dtype=torch.float32, device=self.device)
+        vis_t = torch.as_tensor(vis, device=self.device)
+        return [D.target_maps_torch(lm_t, vis_t, o.shape[-1], self.frame) for o in outputs]
+
+    def _input(self, x):
+        """Frame crops -> the network's input size (2x2 averaging for the lite net, as the
+        detector's INTER_AREA resize of its 256 crops)."""
+        f = self.frame // self.cfg["input_size"]
+        return F.avg_pool2d(x, f) if f > 1 else x
 
     def _autocast(self):
         if self.amp in ("bf16", "fp16"):
@@ -234,16 +286,22 @@ class Trainer:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     # -------------------------------------------------------------- steps
-    def loss(self, x, t256, t64):
+    def loss(self, x, lm, vis):
         with self._autocast():
-            p64, f64, up = self.fwd(self._prep(x))
-        parts = (F.mse_loss(p64.float(), t64), F.mse_loss(f64.float(), t64), F.mse_loss(up.float(), t256))
-        return parts[0] + parts[1] + parts[2], parts
+            outs = self.fwd(self._prep(x))
+        outs = [o.float() for o in outs]
+        tgts = self.targets(outs, lm, vis)
+        if self.cfg["loss"] == "awing":
+            peak = float(D.peak_scale(D.TARGET_SIGMA_256))
+            parts = [adaptive_wing(o, t, peak) for o, t in zip(outs, tgts)]
+        else:
+            parts = [F.mse_loss(o, t) for o, t in zip(outs, tgts)]
+        return sum(parts), parts
 
     def train_step(self):
         self.model.train()
-        x, t256, t64 = self.batch(self.step)
-        loss, parts = self.loss(x, t256, t64)
+        x, lm, vis = self.batch(self.step)
+        loss, parts = self.loss(x, lm, vis)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg["clip"]:
@@ -256,26 +314,58 @@ class Trainer:
         return loss.detach(), [p.detach() for p in parts]
 
     @torch.no_grad()
+    def predict(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """Sub-pixel peaks (B, n, 2) in the frame of the final maps of stored crops (N, S, S, 3)
+        cut canonically (no augmentation)."""
+        self.model.eval()
+        vs = self.val_set
+        A1 = D.canonical_matrix(vs.stored_size, vs.context, self.frame)
+        preds = []
+        for i in range(0, len(images), batch_size):
+            imgs = torch.from_numpy(images[i:i + batch_size]).permute(0, 3, 1, 2).to(self.device)
+            x = self._input(D.warp_torch(imgs, np.repeat(A1[None], len(imgs), 0), self.frame))
+            with self._autocast():
+                maps = self.fwd(self._prep(x))[1].float().cpu().numpy()
+            preds.append(subpixel_peaks(maps, self.frame / maps.shape[-1]))
+        return np.concatenate(preds)
+
     def validate(self, batch_size: int = 32) -> float:
+        """Mean NME (inter-ocular) of the sub-pixel peaks of the final maps on the validation set."""
         vs = self.val_set
         if vs is None or len(vs) == 0:
             return float("nan")
-        self.model.eval()
-        size = self.cfg["input_size"]
-        A1 = D.canonical_matrix(vs.stored_size, vs.context, size)
-        gt = D.transform_points(A1, vs.landmarks)
-        preds = []
-        for i in range(0, len(vs), batch_size):
-            imgs = torch.from_numpy(vs.images[i:i + batch_size]).permute(0, 3, 1, 2).to(self.device)
-            x = D.warp_torch(imgs, np.repeat(A1[None], len(imgs), 0), size)
-            with self._autocast():
-                _, _, up = self.fwd(self._prep(x))
-            preds.append(argmax_shape(up.float()).cpu().numpy())
-        return float(nme_interocular(np.concatenate(preds), gt).mean())
+        gt = D.transform_points(D.canonical_matrix(vs.stored_size, vs.context, self.frame), vs.landmarks)
+        return float(nme_interocular(self.predict(vs.images, batch_size), gt).mean())
 
     # -------------------------------------------------------------- the loop
-    def run(self, max_minutes=None, max_steps=None, t0=None) -> dict:
+    def fit_budget(self, minutes: float, t0: float, calibration_steps: int = 20) -> None:
+        """Fix the run's length (``total_steps``, hence the LR schedule) so that it ends inside
+        ``minutes`` from ``t0``: time ``calibration_steps`` steps and one validation, then
+        extrapolate with a 5 % margin. Done once per run (a resume keeps the stored length)."""
+        if self.cfg.get("budget_minutes") is not None:
+            return
+        t = time.monotonic()
+        n = 0
+        while n < calibration_steps:
+            self.train_step()
+            n += 1
+        per_step = (time.monotonic() - t) / n
+        tv = time.monotonic()
+        self.validate()
+        per_val = time.monotonic() - tv
+        left = 60 * minutes - (time.monotonic() - t0) - 2 * per_val
+        steps = self.step + max(0, int(0.95 * left / (per_step + per_val / self.val_every)))
+        self.cfg.update(total_steps=max(steps, self.step + 1), budget_minutes=float(minutes),
+                        epochs=math.ceil(max(steps, 1) / self.steps_per_epoch))
+        print(f"time budget {minutes} min: {per_step:.2f} s/step, {per_val:.1f} s/validation -> "
+              f"{self.total_steps} steps ({self.total_steps / self.steps_per_epoch:.1f} epochs)",
+              file=sys.stderr, flush=True)
+
+    def run(self, max_minutes=None, max_steps=None, t0=None, minutes=None) -> dict:
         t0 = time.monotonic() if t0 is None else t0
+        if minutes is not None:
+            self.fit_budget(minutes, t0)
+            max_minutes = minutes if max_minutes is None else min(minutes, max_minutes)
         stop_at = self.total_steps if max_steps is None else min(self.total_steps, int(max_steps))
         log_path = os.path.join(self.out, "log.jsonl")
         B = self.cfg["batch_size"]
@@ -298,8 +388,7 @@ class Trainer:
                 now = time.monotonic()
                 ips = n_log * B / max(now - t_log, 1e-9)
                 last = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": float(loss),
-                        "primary64": float(parts[0]), "fusion64": float(parts[1]), "up256": float(parts[2]),
-                        "lr": self.sched.get_last_lr()[0], "img_per_s": ips}
+                        "parts": [float(p) for p in parts], "lr": self.sched.get_last_lr()[0], "img_per_s": ips}
                 if not math.isfinite(last["loss"]):
                     raise FloatingPointError(f"training diverged at step {self.step}: loss {last['loss']}")
                 self.history.append(last)
@@ -310,7 +399,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{last['loss']:.5f}", img_s=f"{ips:.0f}")
                 elif self.verbose:
                     print(f"step {self.step}/{self.total_steps} epoch {last['epoch']:.2f} loss {last['loss']:.5f} "
-                          f"(primary {last['primary64']:.5f} fusion {last['fusion64']:.5f} up {last['up256']:.5f}) "
+                          f"(outputs {' '.join(f'{p:.5f}' for p in last['parts'])}) "
                           f"lr {last['lr']:.2e} {ips:.0f} img/s", file=sys.stderr, flush=True)
             if bar is not None:
                 bar.update(1)
@@ -322,9 +411,10 @@ class Trainer:
                     self.history.append(rec)
                     with open(log_path, "a") as f:
                         f.write(json.dumps(rec) + "\n")
-                    msg = f"step {self.step}: validation NME (inter-ocular, CRM) {nme:.4f}"
+                    msg = f"step {self.step}: validation NME (inter-ocular, sub-pixel peaks) {nme:.4f}"
                     if bar is not None:
                         bar.write(msg)
+                        bar.set_postfix(loss=f"{float(loss):.5f}", val_nme=f"{nme:.4f}")
                     elif self.verbose:
                         print(msg, file=sys.stderr, flush=True)
                     if nme < self.best_nme:
@@ -347,11 +437,13 @@ class Trainer:
 
     def export(self, path) -> str:
         best = os.path.join(self.out, "best.pt")
-        meta = {"n_train": self.cfg["n_train"], "epochs": self.cfg["epochs"], "step": self.step,
-                "input_size": self.cfg["input_size"], "data": self.cfg["data"]}
+        meta = {"arch": self.cfg["arch"], "loss": self.cfg["loss"], "n_train": self.cfg["n_train"],
+                "holdout": self.cfg["holdout"], "epochs": self.cfg["epochs"], "step": self.step,
+                "total_steps": self.total_steps, "input_size": self.cfg["input_size"],
+                "data": self.cfg["data"]}
         if os.path.isfile(best):
             ck = torch.load(best, map_location="cpu", weights_only=False)
-            meta.update(val_nme_interocular_crm=ck["val_nme"], best_step=ck["step"])
+            meta.update(val_nme_interocular_subpixel=ck["val_nme"], best_step=ck["step"])
             return save_weights(ck["model"], path, meta=meta)
         return save_weights(self.model, path, meta=meta)
 
@@ -373,7 +465,16 @@ def _saved_config(out: str):
     return None, None, None
 
 
-def train(data=None, out="runs/fcn", *, packed=None, epochs=None, batch_size=None, lr=None,
+def split_holdout(cs: D.CropSet, n: int, seed: int):
+    """(training part, held-out part) of a CropSet: ``n`` faces drawn by ``seed``."""
+    if not 0 <= n < len(cs):
+        raise ValueError(f"holdout: expected 0 <= holdout < {len(cs)} (the training faces), got {n}")
+    perm = np.random.default_rng([seed, 3]).permutation(len(cs))
+    return cs.subset(np.sort(perm[n:])), cs.subset(np.sort(perm[:n]))
+
+
+def train(data=None, out="runs/fcn", *, arch=None, loss=None, holdout=None, minutes=None, threads=None,
+          packed=None, epochs=None, batch_size=None, lr=None,
           weight_decay=None, seed=None, input_size=None, warmup=None, clip=None, max_minutes=None,
           max_steps=None, resume=False, device=None, amp="auto", channels_last="auto",
           compile_model=False, ckpt_every=500, val_every=None, log_every=10, limit=None,
@@ -389,15 +490,21 @@ def train(data=None, out="runs/fcn", *, packed=None, epochs=None, batch_size=Non
     if not resume and os.path.isfile(os.path.join(out, "last.pt")):
         raise ValueError(f"out: {out!r} already holds a checkpoint; pass resume=True (--resume) or another --out")
     cfg = {k: _resolve(v, k, saved_cfg) for k, v in dict(
-        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
-        input_size=input_size, warmup=warmup, clip=clip).items()}
+        arch=arch, loss=loss, holdout=holdout, epochs=epochs, batch_size=batch_size, lr=lr,
+        weight_decay=weight_decay, seed=seed, input_size=input_size, warmup=warmup, clip=clip).items()}
+    if saved_cfg and saved_cfg.get("total_steps"):
+        cfg["total_steps"] = saved_cfg["total_steps"]
+    if threads is not None:
+        if int(threads) < 1:
+            raise ValueError(f"threads: expected >= 1, got {threads}")
+        torch.set_num_threads(int(threads))
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if amp == "auto":
         amp = "bf16" if dev.type == "cuda" else "none"
     if amp not in ("bf16", "fp16", "none"):
         raise ValueError(f"amp: expected 'auto', 'bf16', 'fp16' or 'none', got {amp!r}")
-    if channels_last == "auto":
-        channels_last = dev.type == "cuda"
+    if channels_last == "auto":  # measured faster on CPU too (fp32; bf16 autocast is slower on AVX2-only CPUs)
+        channels_last = True
 
     if train_set is not None:
         desc = "in-memory"
@@ -421,6 +528,8 @@ def train(data=None, out="runs/fcn", *, packed=None, epochs=None, batch_size=Non
         train_set = train_set.subset(np.arange(min(limit, len(train_set))))
         if val_set is not None:
             val_set = val_set.subset(np.arange(min(limit, len(val_set))))
+    if cfg["holdout"]:  # validate on training faces held out of training, never on the test faces
+        train_set, val_set = split_holdout(train_set, int(cfg["holdout"]), int(cfg["seed"]))
 
     trainer = Trainer(train_set, val_set, out, **cfg, device=dev, amp=amp, channels_last=channels_last,
                       compile_model=compile_model, ckpt_every=ckpt_every, val_every=val_every,
@@ -439,7 +548,7 @@ def train(data=None, out="runs/fcn", *, packed=None, epochs=None, batch_size=Non
               f"{0 if val_set is None else len(val_set)} validation; {trainer.steps_per_epoch} steps/epoch, "
               f"{trainer.total_steps} steps; device {dev}, amp {amp}, channels_last {channels_last}",
               file=sys.stderr)
-    summary = trainer.run(max_minutes=max_minutes, max_steps=max_steps, t0=t0)
+    summary = trainer.run(max_minutes=max_minutes, max_steps=max_steps, t0=t0, minutes=minutes)
     if export_weights:
         summary["weights_sha256"] = trainer.export(export_weights)
         summary["weights"] = os.fspath(export_weights)
@@ -455,6 +564,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="300-W root folder (afw/, helen/trainset/, lfpw/trainset/, lfpw/testset/)")
     p.add_argument("--packed", help="packed crops (.npz from `python -m ectfast.data pack`); preferred over --data")
     p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, summary.json")
+    p.add_argument("--arch", default=None, choices=sorted(netmod.ARCHS),
+                   help=f"network architecture (default {DEFAULTS['arch']}; 'paper' is the 93 GFLOP FCN)")
+    p.add_argument("--loss", default=None, choices=["l2", "awing"],
+                   help="heatmap loss (default: awing for lite, l2 for paper)")
+    p.add_argument("--holdout", type=int, default=None,
+                   help=f"training faces held out for validation (default {DEFAULTS['holdout']}; 0: validate on lfpw/testset)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="time budget: the schedule is sized from the first steps' speed to end inside it")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 holds steady on a shared 2-core machine)")
     p.add_argument("--epochs", type=int, default=None, help=f"default {DEFAULTS['epochs']}")
     p.add_argument("--batch-size", type=int, default=None, help=f"default {DEFAULTS['batch_size']}")
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate, default {DEFAULTS['lr']}")
@@ -482,7 +600,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     try:
-        s = train(args.data, args.out, packed=args.packed, epochs=args.epochs, batch_size=args.batch_size,
+        s = train(args.data, args.out, arch=args.arch, loss=args.loss, holdout=args.holdout,
+                  minutes=args.minutes, threads=args.threads, packed=args.packed, epochs=args.epochs, batch_size=args.batch_size,
                   lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, input_size=args.input_size,
                   max_minutes=args.max_minutes, max_steps=args.max_steps, resume=args.resume,
                   device=args.device, amp=args.amp, compile_model=args.compile, ckpt_every=args.ckpt_every,
