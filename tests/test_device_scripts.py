@@ -87,7 +87,7 @@ def test_train_on_device_fresh_then_cold(pdm, tmp_path):
     assert model.primary.conv2.weight.dtype == torch.float32
     meta = read_weights(w)["meta"]
     assert meta["step"] == 4 and meta["epochs"] == 2 and meta["input_size"] == 32 and meta["best_step"] == 4
-    assert np.isfinite(meta["val_nme_interocular_crm"])
+    assert np.isfinite(meta["val_nme_interocular_subpixel"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")

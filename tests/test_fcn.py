@@ -211,7 +211,8 @@ def test_augmented_landmarks_follow_the_image(use_torch):
 def _trainer(pdm, tmp_path, **kw):
     from ectfast.train import Trainer
 
-    args = dict(epochs=3, batch_size=4, lr=1e-3, weight_decay=1e-4, seed=0, input_size=32, warmup=0.1,
+    args = dict(arch="paper", loss=None, epochs=3, batch_size=4, lr=1e-3, weight_decay=1e-4, seed=0,
+                input_size=32, warmup=0.1,
                 clip=5.0, device="cpu", amp="none", channels_last=False, compile_model=False, ckpt_every=0,
                 val_every=None, log_every=1, progress=False, augment=False, data_desc="synthetic")
     args.update(kw)
@@ -220,12 +221,12 @@ def _trainer(pdm, tmp_path, **kw):
 
 def test_one_step_lowers_the_loss_on_a_fixed_batch(pdm, tmp_path):
     t = _trainer(pdm, tmp_path, lr=3e-4)
-    x, t256, t64 = t.batch(0)
+    x, lm, vis = t.batch(0)
     with torch.no_grad():
-        before = float(t.loss(x, t256, t64)[0])
+        before = float(t.loss(x, lm, vis)[0])
     t.train_step()
     with torch.no_grad():
-        after = float(t.loss(x, t256, t64)[0])
+        after = float(t.loss(x, lm, vis)[0])
     assert np.isfinite(before) and after < before
     # validation runs and gives a finite NME
     assert 0 < t.validate() < 5
@@ -248,8 +249,8 @@ def test_resume_continues_exactly(pdm, tmp_path):
     from ectfast.train import train
 
     cs, vs = synthetic_crops(pdm), synthetic_crops(pdm, 4, seed=1)
-    kw = dict(epochs=2, batch_size=4, input_size=32, lr=1e-3, device="cpu", progress=False, log_every=1,
-              train_set=cs, val_set=vs)
+    kw = dict(arch="paper", holdout=0, epochs=2, batch_size=4, input_size=32, lr=1e-3, device="cpu",
+              progress=False, log_every=1, train_set=cs, val_set=vs)
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     s = train(out=a, max_steps=4, **kw)
     assert s["step"] == 4 and s["total_steps"] == 4 and s["stopped"] == "done"
@@ -281,8 +282,8 @@ def test_cold_light_resume_tracks_best_of_this_call(pdm, tmp_path):
     from ectfast.train import train
 
     cs, vs = synthetic_crops(pdm), synthetic_crops(pdm, 4, seed=1)
-    kw = dict(epochs=2, batch_size=4, input_size=32, lr=1e-3, device="cpu", progress=False, log_every=1,
-              train_set=cs, val_set=vs)
+    kw = dict(arch="paper", holdout=0, epochs=2, batch_size=4, input_size=32, lr=1e-3, device="cpu",
+              progress=False, log_every=1, train_set=cs, val_set=vs)
     a, c = tmp_path / "a", tmp_path / "c"
     s1 = train(out=str(a), max_steps=2, **kw)
     assert s1["step"] == 2 and 0 < s1["best_nme"] < 5  # validated at the end of epoch 1
@@ -295,7 +296,7 @@ def test_cold_light_resume_tracks_best_of_this_call(pdm, tmp_path):
     assert s2["step"] == 4 and s2["stopped"] == "done"
     assert (c / "best.pt").is_file() and 0 < s2["best_nme"] < 5
     meta = read_weights(w)["meta"]
-    assert meta["best_step"] == 4 and meta["val_nme_interocular_crm"] == s2["best_nme"]
+    assert meta["best_step"] == 4 and meta["val_nme_interocular_subpixel"] == s2["best_nme"]
 
 
 def test_cli_train_on_packed_data_and_export(pdm, tmp_path):
@@ -308,7 +309,7 @@ def test_cli_train_on_packed_data_and_export(pdm, tmp_path):
     assert np.abs(back.images.astype(int) - synthetic_crops(pdm).images).mean() < 4
     assert len(D.load_packed(packed, "val")) == 4 and size == os.path.getsize(packed)
     w = str(tmp_path / "w.pt")
-    rc = main(["train", "--packed", packed, "--out", str(tmp_path / "run"), "--input-size", "32",
+    rc = main(["train", "--arch", "paper", "--holdout", "0", "--packed", packed, "--out", str(tmp_path / "run"), "--input-size", "32",
                "--batch-size", "4", "--epochs", "1", "--quiet", "--export-weights", w])
     assert rc == 0
     blob = read_weights(w)
@@ -366,10 +367,10 @@ def test_weights_file_round_trip_checksum_and_corruption(tmp_path):
 
 def test_default_weights_path_is_clear_when_absent():
     if has_pretrained():
-        blob = read_weights(os.path.join(ROOT, "python", "ectfast", "assets", "fcn_300w.pt"))
-        assert blob["n_landmarks"] == 68
+        blob = read_weights(os.path.join(ROOT, "python", "ectfast", "assets", "lite_300w.pt"))
+        assert blob["n_landmarks"] == 68 and blob["arch"] == "lite"
     else:
-        with pytest.raises(FileNotFoundError, match="fcn_300w.pt"):
+        with pytest.raises(FileNotFoundError, match="lite_300w.pt"):
             load_pretrained()
 
 

@@ -7,6 +7,7 @@
 # Each device call (tool `run`, carry [".devdata/300w_288.npz", ".devdata/ckpt"], timeout_s 600;
 # exact calls and budget: docs/DEVICE_RUNBOOK.md):
 #   bash tools/train_on_device.sh       # env: EPOCHS (default auto) BS LR CALL_MINUTES COMPILE RUN
+# ARCH (default paper: the GPU script trains the paper FCN; HOLDOUT default 0 = validate on lfpw/testset).
 # Dry runs / small runs (env, passed to `ectfast train` only when set): DEVICE (cpu|cuda; the
 # script refuses to train without a GPU unless DEVICE=cpu), MAX_STEPS, INPUT_SIZE, LIMIT (first N
 # faces of each split), VAL_EVERY, WORKERS (decoding threads, default min(16, cores)). E.g.
@@ -106,7 +107,7 @@ HARD_S=$(python3 -c "print(max(30, int(($CALL_MINUTES - 0.2) * 60 - $SECONDS)))"
 echo "training for at most $MINUTES minutes in this call (hard stop after $HARD_S s)" | tee -a "$OUT/train.log" >&2
 
 set +e
-timeout -k 10 "$HARD_S" python3 -m ectfast.cli train --packed "$PACKED" --out "$RUN" --resume "${EP_ARGS[@]}" \
+timeout -k 10 "$HARD_S" python3 -m ectfast.cli train --arch "${ARCH:-paper}" --holdout "${HOLDOUT:-0}" --packed "$PACKED" --out "$RUN" --resume "${EP_ARGS[@]}" \
   --batch-size "$BS" --lr "$LR" --max-minutes "$MINUTES" --ckpt-every 300 --log-every 50 --log-lines \
   --workers "$WORKERS" --export-weights "$RUN/fcn_300w.pt" "${EXTRA[@]}" 2>&1 | tee -a "$OUT/train.log"
 rc=${PIPESTATUS[0]}
