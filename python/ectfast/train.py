@@ -338,34 +338,36 @@ class Trainer:
         return float(nme_interocular(self.predict(vs.images, batch_size), gt).mean())
 
     # -------------------------------------------------------------- the loop
-    def fit_budget(self, minutes: float, t0: float, calibration_steps: int = 20) -> None:
-        """Fix the run's length (``total_steps``, hence the LR schedule) so that it ends inside
-        ``minutes`` from ``t0``: time ``calibration_steps`` steps and one validation, then
-        extrapolate with a 5 % margin. Done once per run (a resume keeps the stored length)."""
-        if self.cfg.get("budget_minutes") is not None:
-            return
+    def plan(self, deadline: float, per_step: float, per_val: float) -> None:
+        """Size the run (``total_steps``, hence the cosine LR schedule) so that it ends by
+        ``deadline`` (time.monotonic()) at the measured speed, with a 5 % margin. Called after a
+        short timing at the start and again at every validation, so that a machine that gets
+        slower or faster (other processes on the same cores) still ends its schedule in time."""
+        left = deadline - time.monotonic() - 2 * per_val
+        steps = self.step + max(1, int(0.95 * left / (per_step + per_val / self.val_every)))
+        self.cfg.update(total_steps=steps, epochs=math.ceil(steps / self.steps_per_epoch))
+
+    def _time_steps(self, n: int) -> float:
         t = time.monotonic()
-        n = 0
-        while n < calibration_steps:
+        for _ in range(n):
             self.train_step()
-            n += 1
-        per_step = (time.monotonic() - t) / n
-        tv = time.monotonic()
-        self.validate()
-        per_val = time.monotonic() - tv
-        left = 60 * minutes - (time.monotonic() - t0) - 2 * per_val
-        steps = self.step + max(0, int(0.95 * left / (per_step + per_val / self.val_every)))
-        self.cfg.update(total_steps=max(steps, self.step + 1), budget_minutes=float(minutes),
-                        epochs=math.ceil(max(steps, 1) / self.steps_per_epoch))
-        print(f"time budget {minutes} min: {per_step:.2f} s/step, {per_val:.1f} s/validation -> "
-              f"{self.total_steps} steps ({self.total_steps / self.steps_per_epoch:.1f} epochs)",
-              file=sys.stderr, flush=True)
+        return (time.monotonic() - t) / n
 
     def run(self, max_minutes=None, max_steps=None, t0=None, minutes=None) -> dict:
         t0 = time.monotonic() if t0 is None else t0
-        if minutes is not None:
-            self.fit_budget(minutes, t0)
+        deadline = None
+        if minutes is not None:  # this call's time budget: time a few steps, then plan the schedule
+            deadline = t0 + 60 * float(minutes)
             max_minutes = minutes if max_minutes is None else min(minutes, max_minutes)
+            per_step = self._time_steps(min(20, max(1, self.total_steps - self.step)))
+            tv = time.monotonic()
+            self.validate()
+            per_val = time.monotonic() - tv
+            self.plan(deadline, per_step, per_val)
+            print(f"time budget {minutes} min: {per_step:.2f} s/step, {per_val:.1f} s/validation -> "
+                  f"{self.total_steps} steps ({self.total_steps / self.steps_per_epoch:.1f} epochs), "
+                  "re-planned at every validation", file=sys.stderr, flush=True)
+            t_plan, s_plan = time.monotonic(), self.step
         stop_at = self.total_steps if max_steps is None else min(self.total_steps, int(max_steps))
         log_path = os.path.join(self.out, "log.jsonl")
         B = self.cfg["batch_size"]
@@ -405,7 +407,15 @@ class Trainer:
                 bar.update(1)
                 bar.set_description(f"FCN epoch {self.step // self.steps_per_epoch}")
             if self.step % self.val_every == 0 or self.step == self.total_steps:
+                tv = time.monotonic()
                 nme = self.validate()
+                if deadline is not None and self.step < self.total_steps:
+                    now = time.monotonic()
+                    self.plan(deadline, (tv - t_plan) / max(1, self.step - s_plan), now - tv)
+                    t_plan, s_plan = now, self.step
+                    stop_at = self.total_steps if max_steps is None else min(self.total_steps, int(max_steps))
+                    if bar is not None:
+                        bar.total = self.total_steps
                 if math.isfinite(nme):
                     rec = {"step": self.step, "val_nme": nme}
                     self.history.append(rec)
