@@ -1,6 +1,30 @@
-"""The Estimation network of ECT: a fully convolutional network (FCN) that maps a 256x256 face
-crop to one response map per landmark (DESIGN.md, "FCN"). Needs PyTorch; ``import ectfast``
-does not import this module.
+"""The Estimation networks of ECT: fully convolutional networks that map a face crop to one
+response map per landmark (DESIGN.md, "FCN" and "Estimation network sized for CPU"). Needs
+PyTorch; ``import ectfast`` does not import this module. Chosen by name (:func:`build`):
+
+==========  ==========  ===========  ==========  ==========  =======================================
+arch        input       maps         parameters  GFLOP/face  use
+==========  ==========  ===========  ==========  ==========  =======================================
+``lite``    128 x 128   32 x 32      0.24 M      0.22        the default; ships in the package
+``paper``   256 x 256   64 x 64 (+   10.0 M      93          the paper's FCN, for GPU users
+                        256 x 256)
+==========  ==========  ===========  ==========  ==========  =======================================
+
+(GFLOP = 2 x multiply-adds of the convolutions, :func:`forward_flops`.) Both work in the paper's
+256-pixel frame: a face is cropped to 256 x 256 (``ectfast.data.crop_face``), the lite net sees it
+averaged 2 x 2 to 128 x 128, and its 32 x 32 maps are fitted with ``ectfast.fit(...,
+upsample=8)`` (map pixel ``i`` sits at ``8 i + 3.5`` of the 256 frame), so the fit's patch sizes,
+rho and the target scale of Eq. 15 are the paper's. The paper FCN's 64 x 64 maps use
+``upsample=4``.
+
+The lite network (:class:`LiteNet`) keeps the paper's ideas in a CPU-sized form: a PrimaryNet
+(MobileNetV2-style encoder with depthwise-separable multi-scale dilated blocks, a light top-down
+decoder) gives intermediate-supervision maps, and a FusionNet (the primary maps concatenated with
+the decoder features, two dilated-inception blocks with dilations 1, 2, 3 and a 5x5 d3 branch)
+gives the final maps; BatchNorm after every convolution. Its ``forward`` returns
+``(primary32, fusion32)``.
+
+The paper FCN (:class:`FCN`) follows.
 
 Input convention
 ----------------
@@ -43,9 +67,11 @@ Pixel alignment: 64-map pixel i sits at 256-map coordinate 4 i + 1.5 (the align_
 convention of this upsampling), which is how the 64x64 training targets are placed
 (``ectfast.data.to_map64``).
 
-Shipped weights: ``load_pretrained()`` reads ``python/ectfast/assets/fcn_300w.pt`` (written by
-``ectfast train --export-weights``): a dict ``{format, version, n_landmarks, sha256, meta,
-state_dict}`` with an fp16 state dict whose checksum is verified before use.
+Weights files (``ectfast train --export-weights FILE``): a dict ``{format, version, arch,
+n_landmarks, sha256, meta, state_dict}`` with an fp16 state dict whose checksum is verified
+before use; ``meta`` records the training (command, data, epochs, validation NME) and ``meta["fit"]``
+the fit parameters chosen for the network's maps. ``load_pretrained()`` reads the shipped lite
+network, ``python/ectfast/assets/lite_300w.pt`` (trained on 300-W: research-use annotations).
 """
 from __future__ import annotations
 

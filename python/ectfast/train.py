@@ -1,11 +1,26 @@
-"""Training the FCN on 300-W (``ectfast train``; DESIGN.md "FCN").
+"""Training the estimation networks on 300-W (``ectfast train``; DESIGN.md "FCN" and
+"Estimation network sized for CPU").
 
-Loss: L2 (mean squared error per pixel) of PrimaryNet's and FusionNet's 64x64 maps against the
-64x64 targets plus that of the upsampled 256x256 maps against the 256x256 targets (targets and
-augmentation: ``ectfast.data``). AdamW with a linear warm-up (first 3 % of the steps) then a
-cosine decay to 1 % of the peak learning rate; gradient-norm clipping. On CUDA: bf16 autocast,
-channels_last, the whole decoded training set on the GPU and the augmentation done there
-(``warp_torch``), so no OpenCV and no loader workers are needed for packed data.
+Architectures (``--arch``, ``ectfast.model``): ``lite`` (default, 128 x 128 in, 32 x 32 maps) and
+``paper`` (the 93 GFLOP FCN). Landmarks and targets live in the fit's 256 frame: training crops
+are warped at 256 (``warp_torch``) and averaged 2 x 2 to the lite net's 128 input, exactly as the
+detector resizes its 256 crops; every network output gets a target at its own resolution
+(``data.target_maps_torch``: sigma 6 px of the 256 frame, the 256 target's peak 1.064).
+
+Loss (``--loss``): L2 per output for ``paper`` (the paper's), Adaptive Wing (foreground-weighted)
+for ``lite``, summed over the outputs (intermediate supervision). AdamW with a linear warm-up
+(first 3 % of the steps) then a cosine decay to 1 % of the peak learning rate; gradient-norm
+clipping. ``--minutes N`` sizes the schedule from the measured speed and re-plans it at every
+validation so that the run ends inside N minutes even when the machine slows down.
+
+Augmentation: the paper's (flip with the 68-point mirror, random 248 crop, rotation +-30 deg),
+face-box jitter (shift +-8 %, scale 0.88-1.12, the face detector's box noise), colour; then
+(``data.occlude_and_degrade``) synthetic occluders whose covered landmarks get all-zero targets
+(Eq. 15's confidence learns occlusion), blur, grey and noise.
+
+Measured on the 2-core AVX2 CPU of this project (1 torch thread): bf16 autocast is 5-9x
+*slower* than fp32 there (no native bf16), channels_last is 1.4x faster; so CPU training
+uses fp32 + channels_last (``--amp auto``), bf16 on CUDA.
 
 Determinism and exact resume: the data order of epoch e is a permutation drawn from
 (seed, e); the augmentation of step k from (seed, k). A checkpoint (``OUT/last.pt``: model,
@@ -20,8 +35,9 @@ it alone (no ``last.pt``) is a *warm* resume: same step, data order and schedule
 optimizer moments and fp16-rounded weights.
 
 Validation: every ``--val-every`` steps (default: each epoch), NME (inter-ocular: outer eye
-corners 36 and 45) of the argmax (CRM) shape of the 256x256 maps on the validation split
-(lfpw/testset), face boxes from the ground-truth landmarks. The best model goes to
+corners 36 and 45) of the sub-pixel peaks (``ectfast.peaks``, DARK) of the final maps on
+``--holdout`` training faces held out of training (default 150; the LFPW test faces are never
+seen: ``--holdout 0`` validates on lfpw/testset as before), face boxes from the landmarks. The best model goes to
 ``OUT/best.pt``; ``--export-weights FILE`` writes it (or the last model when no validation ran)
 as the shipped fp16 weights.
 """
@@ -605,7 +621,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-lines", action="store_true",
                    help="print one line per log record instead of a progress bar (for logs/pipes)")
     p.add_argument("--export-weights", metavar="FILE",
-                   help="write the best model as shipped fp16 weights (e.g. python/ectfast/assets/fcn_300w.pt)")
+                   help="write the best model as shipped fp16 weights (e.g. python/ectfast/assets/lite_300w.pt)")
 
 
 def run(args) -> int:
