@@ -1,5 +1,6 @@
 import io
 import os
+import re
 import zipfile
 
 import numpy as np
@@ -76,11 +77,19 @@ def _fields(pdm):
     (dict(version=np.array(VERSION + 1)), "version 2"),
     (dict(format=np.array("something-else")), "not an ectfast PDM"),
     (dict(eigenvalues=None), "missing"),
-    (dict(mean=np.zeros((5, 2))), "basis: expected"),
+    (dict(mean=np.zeros((5, 2))), r"PDM mean: 5 points, but the basis has 136 rows"),
+    # a mean one row short must blame the mean (it used to blame the basis)
+    (dict(mean=np.zeros((67, 2))), r"PDM mean: 67 points, but the basis has 136 rows \(68 points\)"),
     (dict(basis=None), "missing"),
+    (dict(basis=np.eye(136)[:, :30]), r"PDM basis: expected \(136, 34\)"),
     (dict(noise_variance=np.array(-1.0)), "noise_variance"),
-    (dict(eigenvalues=np.full(30, np.nan)), "non-finite"),
-    (dict(eigenvalues=-np.ones(30)), "positive"),
+    (dict(noise_variance=np.array([1.0, 2.0])), "malformed noise_variance"),
+    (dict(noise_variance=np.array("one")), "malformed noise_variance"),
+    (dict(version=np.array("1")), "malformed PDM version"),
+    (dict(eigenvalues=np.full(30, np.nan)), "PDM eigenvalues: non-finite"),
+    (dict(eigenvalues=-np.ones(30)), "PDM eigenvalues: must all be positive"),
+    # ascending eigenvalues silently changed the prior (they used to load)
+    (dict(eigenvalues=np.sort(default_pdm().eigenvalues)), r"PDM eigenvalues: must be in descending order"),
 ])
 def test_load_rejects_inconsistent_files(tmp_path, change, msg):
     fields = _fields(default_pdm())
@@ -90,8 +99,9 @@ def test_load_rejects_inconsistent_files(tmp_path, change, msg):
         else:
             fields[k] = v
     _write_npz(tmp_path / "bad.npz", **fields)
-    with pytest.raises(ValueError, match=msg):
+    with pytest.raises(ValueError, match=msg) as e:
         PDM.load(tmp_path / "bad.npz")
+    assert str(e.value).startswith(f"{tmp_path / 'bad.npz'}: ")  # names the file
 
 
 def test_load_rejects_non_orthonormal_basis(tmp_path):
@@ -108,10 +118,28 @@ def test_load_rejects_corrupt_bytes(tmp_path):
                               good[:100] + bytes(200) + good[300:]]):
         p = tmp_path / f"c{i}.npz"
         p.write_bytes(data)
-        with pytest.raises(ValueError, match="PDM|pdm|readable"):
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(p))}: not a (readable )?PDM file"):
             PDM.load(p)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=rf"^{re.escape(str(tmp_path / 'missing.npz'))}: no such PDM file"):
         PDM.load(tmp_path / "missing.npz")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path))}: is a folder"):
+        PDM.load(tmp_path)
+    with pytest.raises(TypeError, match="^path: "):
+        PDM.load(12)
+
+
+@pytest.mark.parametrize("data", [
+    b"\x80\x04\x95" + bytes(range(256)) * 2,  # random-looking bytes (numpy tries them as a pickle)
+    b"version: 1\nn_points: 68\nnot a model at all\n",  # a text file
+    b"\x93NUMPY\x01\x00" + bytes(60),  # an .npy header, not an .npz
+])
+def test_load_never_suggests_unpickling(tmp_path, data):
+    """Random bytes and text files used to get numpy's hint to load them with allow_pickle=."""
+    p = tmp_path / "x.npz"
+    p.write_bytes(data)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(p))}: not a PDM file") as e:
+        PDM.load(p)
+    assert "allow_pickle" not in str(e.value) and "pickle.load" not in str(e.value)
 
 
 def test_load_refuses_pickles(tmp_path):
@@ -119,8 +147,31 @@ def test_load_refuses_pickles(tmp_path):
     fields["mean"] = np.array([object()], dtype=object)
     with open(tmp_path / "p.npz", "wb") as f:
         np.savez(f, **fields)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"array 'mean' holds Python objects.*never loaded") as e:
         PDM.load(tmp_path / "p.npz")
+    assert "allow_pickle" not in str(e.value)
+
+
+def test_load_bounds_the_unpacked_size(tmp_path, monkeypatch):
+    fields = _fields(default_pdm())
+    _write_npz(tmp_path / "m.npz", **fields)
+    monkeypatch.setattr(ectfast.pdm, "MAX_FILE_BYTES", 10_000)
+    with pytest.raises(ValueError, match=r"bytes unpacked; a PDM file holds 6 arrays of at most 10000"):
+        PDM.load(tmp_path / "m.npz")
+
+
+def test_constructor_validates_like_load():
+    pdm = default_pdm()
+    with pytest.raises(ValueError, match="^PDM eigenvalues: must be in descending order"):
+        PDM(mean=pdm.mean, basis=pdm.basis, eigenvalues=pdm.eigenvalues[::-1].copy(),
+            noise_variance=pdm.noise_variance)
+    with pytest.raises(ValueError, match="^PDM mean: 67 points"):
+        PDM(mean=pdm.mean[:67].copy(), basis=pdm.basis, eigenvalues=pdm.eigenvalues,
+            noise_variance=pdm.noise_variance)
+    # equal eigenvalues are allowed (non-increasing)
+    ev = pdm.eigenvalues.copy()
+    ev[5] = ev[6]
+    PDM(mean=pdm.mean, basis=pdm.basis, eigenvalues=ev, noise_variance=pdm.noise_variance)
 
 
 def test_from_shapes_validates(rng):

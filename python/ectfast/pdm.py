@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from dataclasses import dataclass
 from typing import Optional
 
@@ -191,36 +192,108 @@ class PDM:
 
     @classmethod
     def load(cls, path) -> "PDM":
-        """Load a file written by :meth:`save`; ``ValueError`` if it is corrupt, of another
-        format or version, or inconsistent."""
-        path = os.fspath(path)
+        """Load a file written by :meth:`save`. ``ValueError`` naming the file if it is not a PDM
+        file (not an .npz archive, corrupt, another format or version, larger than
+        :data:`MAX_FILE_BYTES` unpacked) or inconsistent; ``FileNotFoundError`` if it does not
+        exist. Pickled data is never loaded."""
+        path = _path_arg(path)
+        if os.path.isdir(path):
+            raise ValueError(f"{path}: is a folder, not a PDM file")
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no such PDM file") from None
+        except OSError as e:
+            raise OSError(f"{path}: cannot read the PDM file ({e.strerror or type(e).__name__})") from None
+        if head not in (b"PK\x03\x04", b"PK\x05\x06"):
+            raise ValueError(f"{path}: not a PDM file (not an .npz archive)")
+        try:
+            with zipfile.ZipFile(path) as zf:
+                infos = zf.infolist()
+            unpacked = sum(i.file_size for i in infos)
+        except Exception as e:  # zipfile.BadZipFile, OSError, ...
+            raise ValueError(f"{path}: not a readable PDM file ({_reason(e)})") from None
+        if len(infos) > 64 or unpacked > MAX_FILE_BYTES:
+            raise ValueError(f"{path}: not a PDM file ({len(infos)} arrays, {unpacked} bytes unpacked; a PDM "
+                             f"file holds 6 arrays of at most {MAX_FILE_BYTES} bytes in all)")
+        data = {}
         try:
             with np.load(path, allow_pickle=False) as z:
-                data = {k: z[k] for k in z.files}
-        except FileNotFoundError:
-            raise
-        except Exception as e:  # zipfile.BadZipFile, OSError, ValueError, EOFError, ...
-            raise ValueError(f"{path}: not a readable PDM file ({type(e).__name__}: {e})") from None
+                for k in z.files:
+                    try:
+                        data[k] = z[k]
+                    except ValueError as e:
+                        if "pickle" in str(e) or "Object arrays" in str(e):
+                            raise ValueError(f"{path}: array {k!r} holds Python objects; a PDM file holds "
+                                             "numeric arrays only (pickled data is never loaded)") from None
+                        raise
+        except ValueError as e:
+            if str(e).startswith(f"{path}: array "):
+                raise
+            raise ValueError(f"{path}: not a readable PDM file ({_reason(e)})") from None
+        except Exception as e:  # zipfile.BadZipFile, OSError, EOFError, zlib.error, ...
+            raise ValueError(f"{path}: not a readable PDM file ({_reason(e)})") from None
         missing = {"format", "version", "mean", "basis", "eigenvalues", "noise_variance"} - set(data)
         if missing:
             raise ValueError(f"{path}: not a PDM file (missing {sorted(missing)})")
-        if data["format"].shape != () or str(data["format"]) != FORMAT:
-            raise ValueError(f"{path}: not an ectfast PDM file (format {data['format']!r})")
+        fmt = data["format"]
+        if fmt.shape != () or fmt.dtype.kind not in "US" or str(fmt) != FORMAT:
+            raise ValueError(f"{path}: not an ectfast PDM file (format {_short(fmt)})")
         try:
-            version = int(data["version"])
-        except (TypeError, ValueError):
-            raise ValueError(f"{path}: malformed PDM version {data['version']!r}") from None
+            version = _scalar(data["version"], int)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"{path}: malformed PDM version {_short(data['version'])}") from None
         if version != VERSION:
             raise ValueError(f"{path}: PDM file version {version}, this ectfast reads version {VERSION}")
         try:
-            noise = float(data["noise_variance"])
-        except (TypeError, ValueError):
-            raise ValueError(f"{path}: malformed noise_variance") from None
+            noise = _scalar(data["noise_variance"], float)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"{path}: malformed noise_variance {_short(data['noise_variance'])}") from None
         try:
             return cls(mean=data["mean"], basis=data["basis"], eigenvalues=data["eigenvalues"],
                        noise_variance=noise)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
+
+
+#: The largest PDM file :meth:`PDM.load` unpacks (the shipped 68-point model is ~150 kB).
+MAX_FILE_BYTES = 64 * 1024 * 1024
+
+
+def _path_arg(path) -> str:
+    try:
+        p = os.fspath(path)
+    except TypeError:
+        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}") from None
+    if isinstance(p, bytes):
+        p = os.fsdecode(p)
+    if not p or "\x00" in p:
+        raise ValueError(f"path: expected a file name, got {p!r}")
+    return p
+
+
+def _reason(e: BaseException) -> str:
+    """An exception's type and message for an error message, never a hint to unpickle."""
+    msg = str(e)
+    if "pickle" in msg.lower():
+        return "it holds pickled Python objects, which are never loaded"
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def _short(a) -> str:
+    r = repr(a)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+def _scalar(a: np.ndarray, kind):
+    """A 0-d (or one-element) real numeric array as ``kind``; TypeError/ValueError otherwise."""
+    if a.size != 1 or a.dtype.kind not in ("i", "u", "f"):
+        raise TypeError("not a real number")
+    v = a.reshape(()).item()
+    if kind is int and float(v) != int(v):
+        raise ValueError("not an integer")
+    return kind(v)
 
 
 def validate_arrays(mean, basis, eigenvalues, noise_variance) -> None:
@@ -237,10 +310,22 @@ def validate_arrays(mean, basis, eigenvalues, noise_variance) -> None:
     if eigenvalues.ndim != 1 or eigenvalues.shape[0] < 1:
         raise ValueError(f"PDM eigenvalues: expected (m,) with m >= 1, got {eigenvalues.shape}")
     m = eigenvalues.shape[0]
-    if basis.shape != (2 * n, N_SIMILARITY + m):
-        raise ValueError(f"PDM basis: expected ({2 * n}, {N_SIMILARITY + m}), got {basis.shape}")
+    if basis.ndim != 2 or basis.shape[1] != N_SIMILARITY + m:
+        raise ValueError(f"PDM basis: expected ({2 * n}, {N_SIMILARITY + m}) for {n} points and {m} "
+                         f"eigenvalues, got {basis.shape}")
+    if basis.shape[0] != 2 * n:
+        if basis.shape[0] % 2 == 0 and basis.shape[0] >= 2 * N_SIMILARITY:
+            # the basis agrees with the eigenvalues: the mean is the odd one out
+            raise ValueError(f"PDM mean: {n} points, but the basis has {basis.shape[0]} rows "
+                             f"({basis.shape[0] // 2} points)")
+        raise ValueError(f"PDM basis: expected ({2 * n}, {N_SIMILARITY + m}) for {n} points, got {basis.shape}")
     if not (eigenvalues > 0).all():
         raise ValueError("PDM eigenvalues: must all be positive")
+    rise = np.flatnonzero(np.diff(eigenvalues) > 0)
+    if rise.size:
+        k = int(rise[0])
+        raise ValueError(f"PDM eigenvalues: must be in descending order (lambda_1 >= ... >= lambda_m), "
+                         f"got {eigenvalues[k]!r} then {eigenvalues[k + 1]!r} at positions {k + 1}, {k + 2}")
     if not (np.isfinite(noise_variance) and noise_variance > 0):
         raise ValueError(f"PDM noise_variance: must be a positive number, got {noise_variance!r}")
     gram = basis.T @ basis
