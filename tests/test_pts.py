@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 
@@ -35,7 +37,11 @@ def test_round_trip(tmp_path, rng):
     ("", "no landmark points"),
     ("version: 1\nn_points: 3\n{\n1 2\n3 4\n}\n", "n_points 3 but 2"),
     ("1 2\nabc def\n", "expected 'x y'"),
-    ("1 2\n3 nan\n", "expected 'x y'"),
+    # NaN/Inf used to get the same "expected 'x y'" as text
+    ("1 2\n3 nan\n", "x.pts:2: non-finite coordinate"),
+    ("1 2\n-inf 4\n", "x.pts:2: non-finite coordinate"),
+    ("1 2\nInfinity, NaN\n", "x.pts:2: non-finite coordinate"),
+    ("1 2\n3 1e999\n", "x.pts:2: non-finite coordinate"),
     ("n_points: x\n1 2\n", "malformed n_points"),
     ("{\n1 2\n}\n3 4\n", "after the closing brace"),
 ])
@@ -65,3 +71,39 @@ def test_reads_real_300w_files(data_dir):
     assert len(faces) == 224
     pts = read_pts(faces[0][1])
     assert pts.shape == (68, 2) and np.isfinite(pts).all()
+
+
+def test_missing_file_and_folder_name_the_path(tmp_path):
+    """They used to be a raw FileNotFoundError ("[Errno 2] ...") and IsADirectoryError."""
+    missing = tmp_path / "none.pts"
+    with pytest.raises(FileNotFoundError, match=rf"^{re.escape(str(missing))}: no such \.pts file$"):
+        read_pts(missing)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path))}: is a folder, not a \.pts file$"):
+        read_pts(tmp_path)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path))}: is a folder"):
+        write_pts(tmp_path, np.zeros((3, 2)))
+    with pytest.raises(FileNotFoundError, match=r"cannot write: the folder .* does not exist"):
+        write_pts(tmp_path / "no" / "such" / "a.pts", np.zeros((3, 2)))
+    with pytest.raises(TypeError, match="^path: "):
+        read_pts(3)
+    with pytest.raises(ValueError, match="^path: "):
+        read_pts("bad\x00name.pts")
+
+
+def test_huge_file_is_refused(tmp_path, monkeypatch):
+    import ectfast.pts
+
+    p = tmp_path / "big.pts"
+    p.write_text("1 2\n" * 100)
+    monkeypatch.setattr(ectfast.pts, "MAX_FILE_BYTES", 64)
+    with pytest.raises(ValueError, match=r"big\.pts: 400 bytes is too large for a \.pts file \(at most 64\)"):
+        read_pts(p)
+
+
+def test_bad_points_name_the_argument(tmp_path):
+    with pytest.raises(TypeError, match="^points: "):
+        write_pts(tmp_path / "a.pts", "abc")
+    with pytest.raises(ValueError, match="^points: non-finite"):
+        write_pts(tmp_path / "a.pts", np.array([[1.0, np.nan]]))
+    with pytest.raises(TypeError, match="^text: "):
+        parse_pts(b"1 2\n")
