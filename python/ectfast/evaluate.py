@@ -117,6 +117,7 @@ def _pick_detection(candidates: np.ndarray, gt: np.ndarray, gt_box: np.ndarray) 
 
 def evaluate(data, *, methods="all", boxes: str = "landmarks", estimator: Optional[Callable] = None,
              weights=None, device: str = "auto", backend: str = "auto", batch_size: int = 8,
+             engine: str = "auto",
              out=None, occlusion_labels: bool = False, norm: str = "inter-ocular", pdm=None,
              visibility_threshold: float = 0.5, progress: bool = True,
              fit_options: Optional[dict] = None) -> EvalResult:
@@ -124,9 +125,9 @@ def evaluate(data, *, methods="all", boxes: str = "landmarks", estimator: Option
 
     methods: "all" or a list of ectfast.fit methods. boxes: "landmarks" or "detector".
     estimator: a callable crops (B, 3, 256, 256) float32 RGB [0, 1] -> maps (B, 68, h, h); None
-    loads the FCN (``weights``, or the shipped ones: FileNotFoundError when there are none) on
-    ``device``. backend: ectfast.fit's backend. out: folder for the tables and the CED plot
-    (None: write nothing). norm: the NME that the failure rate, AUC and CED use.
+    loads the network (``weights``, or the shipped one: FileNotFoundError when there is none) on
+    ``device`` with ``engine`` ('auto', 'onnxruntime', 'torch'; ectfast.engine). backend:
+    ectfast.fit's backend. out: folder for the tables and the CED plot (None: write nothing). norm: the NME that the failure rate, AUC and CED use.
     """
     import cv2
 
@@ -148,7 +149,7 @@ def evaluate(data, *, methods="all", boxes: str = "landmarks", estimator: Option
     if boxes == "detector":
         D.haar_cascade()
     if estimator is None:
-        estimator = D.NetEstimator(weights, device)
+        estimator = D.make_estimator(weights, device, engine)
     elif not callable(estimator):
         raise TypeError(f"estimator: expected a callable, got {type(estimator).__name__}")
     pdm = pdm if pdm is not None else default_pdm()
@@ -368,12 +369,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="read NAME.occ (one 0/1 per landmark, 1 = occluded) and report occlusion precision/recall")
     p.add_argument("--norm", default="inter-ocular", choices=metrics.NORMALIZATIONS,
                    help="NME used for failure rate, AUC and CED (all three NMEs are always reported)")
-    p.add_argument("--weights", default=None, metavar="PATH", help="FCN checkpoint (default: the shipped weights)")
-    p.add_argument("--device", default="auto", help="where the FCN runs: auto, cpu, cuda, cuda:N (default: auto)")
+    from .detector import _unit_float, device_arg
+    from .engine import ENGINES
+
+    p.add_argument("--weights", default=None, metavar="PATH",
+                   help="the network: a .onnx or .pt file (default: the shipped one)")
+    p.add_argument("--engine", default="auto", choices=ENGINES,
+                   help="inference engine: auto, onnxruntime, torch (default: auto)")
+    p.add_argument("--device", default="auto", type=device_arg,
+                   help="where the network runs: auto, cpu, cuda, cuda:N (default: auto)")
     p.add_argument("--backend", default="auto", choices=("auto", "reference", "cpu", "cuda"),
                    help="ectfast.fit backend (default: auto)")
     p.add_argument("--batch-size", type=int, default=8, help="faces per FCN/fit batch (default: 8)")
-    p.add_argument("--threshold", type=float, default=0.5, help="visibility threshold tau (default: 0.5)")
+    p.add_argument("--threshold", type=_unit_float, default=0.5,
+                   help="visibility threshold tau in [0, 1] (default: 0.5)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.epilog = "Exit status: 0 when faces were evaluated, 1 when none could be, 2 for a usage/setup error."
 
@@ -397,6 +406,7 @@ def run(args, *, estimator=None) -> int:
     try:
         result = evaluate(args.data, methods=args.method, boxes=args.boxes, estimator=estimator,
                           weights=args.weights, device=args.device, backend=args.backend,
+                          engine=getattr(args, "engine", "auto"),
                           batch_size=args.batch_size, out=args.out, occlusion_labels=args.occlusion_labels,
                           norm=args.norm, visibility_threshold=args.threshold, progress=not args.no_progress)
     except FileNotFoundError as e:
