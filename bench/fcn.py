@@ -1,8 +1,14 @@
-"""FCN throughput: forward faces/s at 256x256 (and, on CUDA, a training step's images/s).
+"""Estimation-network throughput: forward faces/s on CPU (and CUDA), the network + fit rate,
+and (on CUDA) a training step's images/s.
 
-    PYTHONPATH=python python bench/fcn.py                 # CPU batch 1 fp32; CUDA parts when a GPU is there
-    PYTHONPATH=python python bench/fcn.py --no-cuda       # CPU only
-    PYTHONPATH=python python bench/fcn.py --train         # + training-step throughput (CUDA)
+    python bench/fcn.py --arch lite --threads 2           # CPU rows of the shipped lite net + fit
+    python bench/fcn.py --arch paper --no-cuda            # the paper FCN on CPU (batch 1 only)
+    python bench/fcn.py --arch paper --train              # + training-step throughput (CUDA)
+
+CPU rows (--arch lite): batch 1 and 32, fp32 and bf16 autocast, each also with channels_last;
+then "net + fit": the network on batch-32 256x256 crops (averaged to its input inside the
+estimator, as the detector does) followed by ``ectfast.fit(method="ect", upsample=8)`` on the
+cpu backend, in faces/s.
 
 CUDA variants (batch 1 and 256): fp32, bf16 autocast, bf16 + channels_last, bf16 +
 channels_last + torch.compile, and for batch 1 a CUDA graph of the bf16 channels_last forward.
@@ -19,7 +25,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
-from ectfast.model import FCN, count_parameters, forward_flops  # noqa: E402
+from ectfast.model import FCN, build, count_parameters, forward_flops  # noqa: E402
 
 TRAIN_SET = 2012  # faces per epoch in the compact 300-W copy
 
@@ -35,6 +41,53 @@ def bench_cpu(threads: int, iters: int) -> float:
             m(x)
         dt = time.perf_counter() - t
     return iters / dt
+
+
+def _rate(fn, batch: int, min_seconds: float = 2.0) -> float:
+    fn()
+    n, t = 0, time.perf_counter()
+    while time.perf_counter() - t < min_seconds or n < 3:
+        fn()
+        n += 1
+    return n * batch / (time.perf_counter() - t)
+
+
+def bench_cpu_lite(threads: int, arch: str = "lite"):
+    """Rows {batch, variant, faces_per_s} of the CPU forward, and the net + fit rate."""
+    import numpy as np
+
+    import ectfast
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    m = build(arch).eval()
+    size = m.input_size
+    rows = []
+    for B in (1, 32):
+        x = torch.rand(B, 3, size, size)
+        for cl in (False, True):
+            net = m.to(memory_format=torch.channels_last) if cl else m.to(memory_format=torch.contiguous_format)
+            inp = x.contiguous(memory_format=torch.channels_last) if cl else x
+            for dt in (None, torch.bfloat16):
+                def fn(net=net, inp=inp, dt=dt):
+                    with torch.inference_mode(), torch.autocast("cpu", dtype=dt or torch.float32, enabled=dt is not None):
+                        return net(inp)
+                name = ("bf16" if dt else "fp32") + ("+channels_last" if cl else "")
+                rows.append({"batch": B, "variant": name, "faces_per_s": _rate(fn, B)})
+    # the network + fit on batch-32 crops of 256 x 256, as the detector runs them
+    net = m.to(memory_format=torch.contiguous_format)
+    crops = torch.rand(32, 3, 256, 256)
+    pdm = ectfast.default_pdm()
+
+    def pipeline():
+        with torch.inference_mode():
+            maps = net(torch.nn.functional.avg_pool2d(crops, 256 // size))[1].numpy()
+        return ectfast.fit(maps, pdm, method="ect", upsample=256 // maps.shape[-1], backend="cpu")
+
+    net_only = _rate(lambda: net(torch.nn.functional.avg_pool2d(crops, 256 // size)), 32)
+    rows.append({"batch": 32, "variant": "fp32 net + ECT fit (cpu backend)", "faces_per_s": _rate(pipeline, 32),
+                 "net_only_faces_per_s": net_only})
+    return rows
 
 
 def _cuda_time(fn, iters: int) -> float:
@@ -108,8 +161,8 @@ def bench_train(batch: int, compile_model: bool, steps: int = 20):
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        t = Trainer(cs, None, tmp, epochs=10, batch_size=batch, lr=1e-3, weight_decay=1e-4, seed=0,
-                    input_size=256, warmup=0.03, clip=5.0, device="cuda", amp="bf16", channels_last=True,
+        t = Trainer(cs, None, tmp, arch="paper", loss=None, epochs=10, batch_size=batch, lr=1e-3,
+                    weight_decay=1e-4, seed=0, input_size=256, warmup=0.03, clip=5.0, device="cuda", amp="bf16", channels_last=True,
                     compile_model=compile_model, ckpt_every=0, val_every=10**9, log_every=10**9,
                     progress=False, augment=True, data_desc="synthetic")
         for _ in range(5):
@@ -128,6 +181,7 @@ def bench_train(batch: int, compile_model: bool, steps: int = 20):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="lite", choices=["lite", "paper"])
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--iters", type=int, default=5, help="CPU iterations")
     p.add_argument("--no-cuda", action="store_true")
@@ -137,9 +191,17 @@ def main(argv=None) -> int:
     p.add_argument("--skip-forward", action="store_true", help="only the training-step timing (with --train)")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args(argv)
-    res = {"params_M": count_parameters(FCN()) / 1e6, "gflop_per_face": forward_flops() / 1e9}
-    print(f"FCN: {res['params_M']:.2f} M parameters, {res['gflop_per_face']:.1f} GFLOP per 256x256 face (forward)")
-    if not a.skip_forward:
+    res = {"arch": a.arch, "params_M": count_parameters(build(a.arch)) / 1e6,
+           "gflop_per_face": forward_flops(arch=a.arch) / 1e9}
+    print(f"{a.arch}: {res['params_M']:.2f} M parameters, {res['gflop_per_face']:.2f} GFLOP per face (forward)")
+    if a.arch == "lite":
+        print(f"CPU: {a.threads} threads, torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}")
+        res["cpu"] = bench_cpu_lite(a.threads)
+        for r in res["cpu"]:
+            extra = f"  (net alone {r['net_only_faces_per_s']:.0f})" if "net_only_faces_per_s" in r else ""
+            print(f"  batch {r['batch']:>3} {r['variant']:<34} {r['faces_per_s']:9.1f} faces/s{extra}")
+        a.skip_forward = True
+    elif not a.skip_forward:
         cpu = bench_cpu(a.threads, a.iters)
         res["cpu_batch1_fp32_faces_per_s"] = cpu
         print(f"CPU ({a.threads} threads) batch 1 fp32: {cpu:.2f} faces/s ({1e3 / cpu:.0f} ms/face)")
