@@ -18,23 +18,24 @@ def fake_fcn(monkeypatch, pdm):
     """Replace the FCN by the fiducial fake (template = the synthetic template)."""
     T = template_shape(pdm)
     est = FiducialEstimator(T, strict=False)
-    monkeypatch.setattr(D, "NetEstimator", lambda weights=None, device="auto": est)
+    monkeypatch.setattr(D, "make_estimator", lambda *a, **k: est)
     return T, est
 
 
 @pytest.fixture
 def fake_haar(monkeypatch, ect_data):
-    """Haar finds no face in drawn cartoons: give it, per image size, the Haar box (x, y, w, h)
-    that the calibration maps onto the annotation's landmark box."""
+    """Face detectors find no face in drawn cartoons: the default face detector becomes one that
+    gives, per image size, the annotation's own crop box."""
     table = {}
 
     def register(img, gt):
-        lo, hi = gt.min(0), gt.max(0)
-        w = (hi - lo)[0] / D.HAAR_SW
-        c = (lo + hi) / 2
-        table[img.shape[:2]] = np.array([[c[0] - w / 2 - D.HAAR_DX * w, c[1] - w / 2 - D.HAAR_DY * w, w, w]])
+        table[img.shape[:2]] = np.asarray(ect_data.box_from_landmarks(gt), float)[None]
 
-    monkeypatch.setattr(D, "haar_faces", lambda im: table.get(im.shape[:2], np.zeros((0, 4))))
+    def fake(im):
+        return table.get(im.shape[:2], np.zeros((0, 4)))
+
+    fake.name = "fake"
+    monkeypatch.setattr(D, "default_face_detector", lambda: fake)
     return register
 
 
@@ -95,38 +96,73 @@ def test_detect_bad_inputs_keep_going(tmp_path, fake_fcn, fake_haar, capsys):
     missing = tmp_path / "missing.png"
     out = tmp_path / "out"
     rc = cli.main(["detect", str(corrupt), paths[0], str(tiny), str(missing), str(faceless), str(grey),
-                   str(rgba), "--out", str(out), "--json"])
+                   str(rgba), "--out", str(out)])
     err = capsys.readouterr().err
-    assert rc == 0  # some images gave faces
-    assert "corrupt.jpg: cannot read" in err
-    assert "tiny.png: image of 12x10 px is too small" in err
+    assert rc == 1  # some images could not be processed; the others were written
+    assert "corrupt.jpg: the file ends before the JPEG frame header (truncated)" in err
+    assert "tiny.png: image of 12x10 px is too small to contain a face" in err
     assert "missing.png: no such file" in err
     assert "faceless.png: no face found" in err
     assert "Traceback" not in err
+    assert "5 image(s) processed (3 with faces, 2 without; 3 faces), 2 failed" in err
     written = sorted(os.listdir(out))
-    assert written == sorted(["in0_landmarks.png", "in0.json", "grey_landmarks.png", "grey.json",
-                              "rgba_landmarks.png", "rgba.json"])
+    assert written == sorted(f"{s}{e}" for s in ("in0", "grey", "rgba", "tiny", "faceless")
+                             for e in (".json", "_landmarks.png"))
+    assert json.loads((out / "faceless.json").read_text())["faces"] == []  # a result: rerun skips it
+    assert "too small" in json.loads((out / "tiny.json").read_text())["note"]
     rgba_face = json.loads((out / "rgba.json").read_text())["faces"][0]
     assert metrics.nme(np.array(rgba_face["landmarks"]), r_gt)[0] < 0.01  # RGBA file: converted, dots intact
 
 
-def test_detect_exit_code_when_every_image_fails(tmp_path, fake_fcn, fake_haar, capsys):
+def test_detect_exit_codes(tmp_path, fake_fcn, fake_haar, capsys):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"nope")
     faceless = tmp_path / "faceless.png"
     cv2.imwrite(str(faceless), np.full((100, 90, 3), 128, np.uint8))
     rc = cli.main(["detect", str(bad), str(faceless), "--out", str(tmp_path / "o")])
-    assert rc == 1
-    assert "no image gave a face" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 1 and "bad.png: not an image file (unrecognised header 'nope';" in err
+    # an image without a face is a result, not a failure
+    assert cli.main(["detect", str(faceless), "--out", str(tmp_path / "o2")]) == 0
+    # usage errors: nothing to do, or bad options
+    assert cli.main(["detect", "--out", str(tmp_path / "o3")]) == 2
+    assert cli.main(["detect", str(tmp_path / "empty_dir_missing"), "--out", str(tmp_path / "o4")]) == 1
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["detect", str(tmp_path / "empty"), "--out", str(tmp_path / "o5")]) == 2
+    assert "no image files found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value", [("--threshold", "nan"), ("--threshold", "inf"),
+                                           ("--threshold", "1.5"), ("--batch-size", "0"),
+                                           ("--device", "gpu"), ("--device", "cuda:x"),
+                                           ("--engine", "tensorrt"), ("--max-megapixels", "nan")])
+def test_detect_bad_option_is_one_usage_error(tmp_path, fake_fcn, option, value, capsys):
+    img = tmp_path / "x.png"
+    cv2.imwrite(str(img), np.zeros((64, 64, 3), np.uint8))
+    with pytest.raises(SystemExit) as ei:
+        cli.main(["detect", str(img), "--out", str(tmp_path / "o"), option, value])
+    assert ei.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and "Traceback" not in err
+    assert err.count("error:") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_threshold_nan_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as ei:
+        cli.main(["eval", str(tmp_path), "--threshold", "nan"])
+    assert ei.value.code == 2 and "argument --threshold" in capsys.readouterr().err
+
+
+def _skip_if_shipped():
+    from ectfast import engine
+
+    if os.path.isfile(engine.DEFAULT_PT) or os.path.isfile(engine.DEFAULT_ONNX):
+        pytest.skip("a network is shipped in this installation")
 
 
 def test_detect_without_weights_is_a_clear_message(tmp_path, capsys, ect_data):
-    try:
-        from ectfast import model
-    except ImportError:
-        model = None
-    if model is not None and model.has_pretrained():
-        pytest.skip("weights are shipped in this installation")
+    _skip_if_shipped()
     img = tmp_path / "x.png"
     cv2.imwrite(str(img), np.zeros((64, 64, 3), np.uint8))
     rc = cli.main(["detect", str(img), "--out", str(tmp_path / "o"), "--device", "cpu"])
@@ -134,7 +170,7 @@ def test_detect_without_weights_is_a_clear_message(tmp_path, capsys, ect_data):
     assert rc == 2
     assert "Traceback" not in err
     assert err.startswith("ectfast detect: ")
-    assert ("no trained FCN weights" in err) if model is not None else ("ectfast.model" in err)
+    assert "no trained network is available" in err and "--weights" in err
     assert not (tmp_path / "o").exists()
 
 
@@ -159,18 +195,14 @@ def test_eval_cli(tmp_path, fake_fcn, ect_data, capsys):
 
 
 def test_eval_without_weights_is_a_clear_message(tmp_path, capsys, ect_data, pdm):
-    try:
-        from ectfast import model
-    except ImportError:
-        model = None
-    if model is not None and model.has_pretrained():
-        pytest.skip("weights are shipped in this installation")
+    _skip_if_shipped()
     img, gt = synthetic_face(template_shape(pdm), np.random.default_rng(0))
     cv2.imwrite(str(tmp_path / "a.png"), img)
     write_pts(tmp_path / "a.pts", gt)
     rc = cli.main(["eval", str(tmp_path), "--out", str(tmp_path / "o"), "--no-progress", "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err and err.startswith("ectfast eval: ")
+    assert "no trained network is available" in err
 
 
 @pytest.mark.data
@@ -182,7 +214,7 @@ def test_detect_real_photo_with_real_haar(data_dir, tmp_path, monkeypatch, ect_d
     p = tmp_path / "lenna.png"
     cv2.imwrite(str(p), img)
     est = FiducialEstimator(gt)
-    monkeypatch.setattr(D, "NetEstimator", lambda weights=None, device="auto": est)
+    monkeypatch.setattr(D, "make_estimator", lambda *a, **k: est)
     rc = cli.main(["detect", str(p), "--out", str(tmp_path / "o"), "--json", "--method", "crm"])
     assert rc == 0
     faces = json.loads((tmp_path / "o" / "lenna.json").read_text())["faces"]

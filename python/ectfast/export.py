@@ -1,109 +1,211 @@
-"""``ectfast export-onnx``: the FCN as an ONNX model.
+"""``ectfast export-onnx``: the estimation network as an ONNX file that ONNX Runtime runs without
+torch (``ectfast.engine.OnnxEstimator``).
 
-Inputs/outputs of the ONNX graph: ``image`` (B, 3, H, W) float32 RGB in [0, 1] (normalised
-inside, as the PyTorch model); outputs ``primary64``, ``fusion64``, ``up256`` as
-``ectfast.model.FCN.forward``. The batch axis is dynamic (``--static-batch`` fixes it); H, W are
-fixed at export (``--size``, default 256). The weights are the shipped ones
-(``--weights``, default the packaged file) or a run's ``best.pt``/``last.pt`` checkpoint.
-``--check`` runs the exported model with onnxruntime (when installed) and compares it with
-PyTorch (max abs difference <= 1e-3).
+The graph: input ``image`` (B, 3, S, S) float32 RGB in [0, 1] at the network's own input size S
+(128 for ``lite``, 256 for ``paper``; normalised inside, as the PyTorch model), outputs
+``primary`` and ``maps`` (the final response maps: 32 x 32 for lite, the FusionNet's 64 x 64 for
+paper). The batch axis is dynamic. Weights are stored in float32.
+
+The file's ``metadata_props`` hold the key ``"ectfast"``: a JSON object with format, version,
+arch, input_size, crop_size (256, the fit's frame), map_size, n_landmarks, sha256 (the checksum
+of the ``.pt`` state dict it was exported from), opset, torch version and ``meta`` (the weights'
+metadata, e.g. ``meta["fit"]``: the fit options chosen for this network).
+
+After writing, the ONNX file is run with onnxruntime and compared with PyTorch on random and
+smooth inputs (max abs difference of the maps <= 1e-3, and the same argmax per map); a file
+that fails the check is removed (exit 1). The regeneration of the shipped file is one command:
+
+    ectfast export-onnx --weights python/ectfast/assets/lite_300w.pt --out python/ectfast/assets/lite_300w.onnx
+
+(both paths are the defaults, so ``ectfast export-onnx`` alone does the same.)
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
 
 import numpy as np
 import torch
+from torch import nn
 
-from .model import FCN, load_pretrained
+from . import engine as E
+from .model import ARCHS, DEFAULT_ARCH, build, load_pretrained, read_weights
 
-OUTPUT_NAMES = ["primary64", "fusion64", "up256"]
+TOLERANCE = 1e-3
 
 
-def load_model(weights=None) -> FCN:
-    """FCN from shipped weights, a training checkpoint (dict with 'model'), or random init ('random')."""
+class _Maps(nn.Module):
+    """The network with two outputs (primary maps, final maps at the network's resolution)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        out = self.net(x)
+        return out[0], out[1]
+
+
+def load_model(weights=None, arch: str = DEFAULT_ARCH):
+    """(network in eval mode, its weights' sha256 or None, its metadata) from a shipped-weights
+    file (default: the packaged one), a training checkpoint (dict with 'model' and 'config'),
+    or 'random' (an untrained ``arch`` network, seed 0)."""
     if weights == "random":
         torch.manual_seed(0)
-        return FCN().eval()
-    if weights is not None and os.path.isfile(weights):
-        blob = torch.load(weights, map_location="cpu", weights_only=False)
-        if isinstance(blob, dict) and "model" in blob:
-            m = FCN()
-            m.load_state_dict(blob["model"])
-            return m.eval()
-    return load_pretrained(weights)
-
-
-def export_onnx(model: FCN, path, size: int = 256, dynamic_batch: bool = True, opset: int = 18) -> str:
-    """Write ``model`` as ONNX to ``path``; returns the path."""
-    if size % 4 or size < 16:
-        raise ValueError(f"size: expected a multiple of 4 >= 16, got {size}")
+        return build(arch).eval(), None, {}
+    path = os.fspath(E.DEFAULT_PT if weights is None else weights)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights: no such file {path!r}")
     try:
-        import onnx  # noqa: F401  (both torch exporters serialise through it)
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable weights file ({type(e).__name__}: {e})") from None
+    if isinstance(blob, dict) and "model" in blob and "state_dict" not in blob:  # a training checkpoint
+        cfg = blob.get("config") or {}
+        m = build(cfg.get("arch", "paper"))
+        m.load_state_dict(blob["model"])
+        return m.eval(), None, {"arch": m.arch, "from_checkpoint": os.path.basename(path)}
+    info = read_weights(path)
+    return load_pretrained(path), info["sha256"], dict(info.get("meta") or {})
+
+
+def _json_meta(meta: dict) -> dict:
+    """The weights' metadata without the training position (large, and not needed for inference)."""
+    out = {}
+    for k, v in meta.items():
+        if k == "train_state":
+            continue
+        try:
+            json.dumps(v)
+        except (TypeError, ValueError):
+            v = str(v)
+        out[k] = v
+    return out
+
+
+def export_onnx(model, path, size=None, dynamic_batch: bool = True, opset: int = 17, metadata=None) -> str:
+    """Write ``model`` (a network of ectfast.model) as ONNX to ``path`` with the ``ectfast``
+    metadata (``metadata``: extra fields); returns the path."""
+    try:
+        import onnx
     except ImportError:
-        raise ImportError("ONNX export needs the onnx package: pip install onnx onnxscript") from None
+        raise ImportError("ONNX export needs the onnx package: pip install onnx") from None
     model = model.eval().float().cpu()
-    x = torch.rand(2 if dynamic_batch else 1, 3, size, size)
+    arch = getattr(model, "arch", "paper")
+    size = int(size or getattr(model, "input_size", ARCHS[arch][1]))
+    if size % 8 or size < 16:
+        raise ValueError(f"size: expected a multiple of 8 >= 16, got {size}")
+    x = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        primary, maps = _Maps(model)(x)
     path = os.fspath(path)
-    kw = dict(input_names=["image"], output_names=OUTPUT_NAMES, opset_version=opset)
+    tmp = path + ".tmp"
+    kw = dict(input_names=[E.INPUT_NAME], output_names=list(E.OUTPUT_NAMES), opset_version=opset)
+    dyn = {n: {0: "batch"} for n in (E.INPUT_NAME,) + E.OUTPUT_NAMES} if dynamic_batch else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:  # the dynamo exporter (needs onnxscript)
-            import onnxscript  # noqa: F401
-
-            dyn = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if dynamic_batch else None
-            torch.onnx.export(model, (x,), path, dynamo=True, dynamic_shapes=dyn, external_data=False,
-                              verbose=False, **kw)
-        except ImportError:
-            dyn = {"image": {0: "batch"}, **{n: {0: "batch"} for n in OUTPUT_NAMES}} if dynamic_batch else None
-            torch.onnx.export(model, (x,), path, dynamo=False, dynamic_axes=dyn, **kw)
+        try:
+            torch.onnx.export(_Maps(model), (x,), tmp, dynamo=False, dynamic_axes=dyn, **kw)
+        except TypeError:  # a torch without the dynamo switch
+            torch.onnx.export(_Maps(model), (x,), tmp, dynamic_axes=dyn, **kw)
+    proto = onnx.load(tmp)
+    meta = {"format": E.ONNX_FORMAT, "version": E.ONNX_VERSION, "arch": arch, "input_size": size,
+            "crop_size": E.CROP_SIZE, "map_size": int(maps.shape[-1]), "n_landmarks": int(maps.shape[1]),
+            "opset": opset, "torch": torch.__version__, **(metadata or {})}
+    onnx.helper.set_model_props(proto, {E.META_KEY: json.dumps(meta, sort_keys=True)})
+    onnx.checker.check_model(proto)
+    onnx.save(proto, tmp)
+    os.replace(tmp, path)
     return path
 
 
-def check_onnx(model: FCN, path, size: int = 256, batch: int = 3, seed: int = 0) -> float:
-    """Max abs difference between onnxruntime and PyTorch on a random batch (ImportError when
-    onnxruntime is missing)."""
+def compare_onnx(model, path, size=None, batch: int = 3, seed: int = 0) -> dict:
+    """Run the ONNX file with onnxruntime and ``model`` with PyTorch on the same random and smooth
+    inputs at the network's input size: {"max_abs": largest difference of the maps,
+    "argmax_agree": fraction of maps with the same peak, "maps": their shape}."""
     import onnxruntime as ort
 
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(batch, 3, size, size, generator=g)
-    with torch.no_grad():
-        ref = [t.numpy() for t in model.eval().float().cpu()(x)]
     sess = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
-    got = sess.run(OUTPUT_NAMES, {sess.get_inputs()[0].name: x.numpy()})
-    return max(float(np.abs(a - b).max()) for a, b in zip(ref, got))
+    inp = sess.get_inputs()[0]
+    size = int(size or inp.shape[-1])
+    g = np.random.default_rng(seed)
+    noise = g.random((batch, 3, size, size), dtype=np.float32)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    smooth = np.stack([np.stack([0.5 + 0.4 * np.sin(6 * xx + c + k) * np.cos(5 * yy - k) for c in range(3)])
+                       for k in range(batch)]).astype(np.float32)
+    x = np.concatenate([noise, smooth])
+    with torch.no_grad():
+        ref = model.eval().float().cpu()(torch.from_numpy(x))[1].numpy()
+    names = [o.name for o in sess.get_outputs()]
+    got = sess.run([E.OUTPUT_NAMES[1] if E.OUTPUT_NAMES[1] in names else names[1]], {inp.name: x})[0]
+    if got.shape != ref.shape:
+        raise ValueError(f"{path}: onnxruntime gives maps {got.shape}, PyTorch {ref.shape}")
+    flat_r, flat_g = ref.reshape(*ref.shape[:2], -1), got.reshape(*got.shape[:2], -1)
+    agree = float((flat_r.argmax(-1) == flat_g.argmax(-1)).mean())
+    return {"max_abs": float(np.abs(ref - got).max()), "argmax_agree": agree, "maps": list(got.shape)}
+
+
+def check_onnx(model, path, size=None, batch: int = 3, seed: int = 0) -> float:
+    """Max abs difference between onnxruntime and PyTorch (see :func:`compare_onnx`)."""
+    return compare_onnx(model, path, size, batch, seed)["max_abs"]
+
+
+def export_weights(weights=None, out=None, *, arch: str = DEFAULT_ARCH, opset: int = 17, check: bool = True) -> dict:
+    """Export a weights file (default: the shipped .pt) to ``out`` (default: the same name with
+    .onnx) with its metadata; with ``check``, compare with PyTorch and remove the file when
+    they differ (ValueError). Returns {"path", "sha256", "bytes", "check"}."""
+    model, sha, meta = load_model(weights, arch)
+    if out is None:
+        if weights in (None, "random"):
+            out = E.DEFAULT_ONNX if weights is None else "random.onnx"
+        else:
+            out = os.path.splitext(os.fspath(weights))[0] + ".onnx"
+    extra = {"sha256": sha, "meta": _json_meta(meta),
+             "weights_file": None if weights in (None, "random") else os.path.basename(os.fspath(weights))}
+    if weights is None:
+        extra["weights_file"] = os.path.basename(E.DEFAULT_PT)
+    path = export_onnx(model, out, opset=opset, metadata=extra)
+    result = {"path": path, "sha256": sha, "bytes": os.path.getsize(path), "check": None}
+    if check:
+        c = compare_onnx(model, path)
+        result["check"] = c
+        if not (c["max_abs"] <= TOLERANCE and c["argmax_agree"] == 1.0):
+            os.remove(path)
+            raise ValueError(f"{path}: the ONNX model differs from PyTorch (max abs {c['max_abs']:.2e}, "
+                             f"argmax agreement {c['argmax_agree']:.3f}); file removed")
+    return result
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output .onnx file")
-    p.add_argument("--weights", default=None,
-                   help="shipped weights file or training checkpoint (default: the packaged weights; "
-                        "'random' for an untrained net)")
-    p.add_argument("--size", type=int, default=256, help="input side H = W (default 256)")
-    p.add_argument("--static-batch", action="store_true", help="fix the batch size at 1")
-    p.add_argument("--opset", type=int, default=18)
-    p.add_argument("--check", action="store_true", help="compare onnxruntime with PyTorch (needs onnxruntime)")
+    p.add_argument("--weights", default=None, metavar="PATH",
+                   help="shipped-weights .pt file or training checkpoint (default: the packaged "
+                        f"{os.path.basename(E.DEFAULT_PT)}; 'random' for an untrained net)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="output .onnx file (default: the weights' path with .onnx; for the packaged "
+                        f"weights the packaged {os.path.basename(E.DEFAULT_ONNX)})")
+    p.add_argument("--arch", default=DEFAULT_ARCH, choices=sorted(ARCHS), help="architecture for --weights random")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
+    p.add_argument("--check", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
+    p.epilog = ("Exit status: 0 written (and checked), 1 the check failed (file removed), 2 bad "
+                "weights/arguments or a missing package.")
 
 
 def run(args) -> int:
     try:
-        model = load_model(args.weights)
-        export_onnx(model, args.out, args.size, not args.static_batch, args.opset)
-    except (FileNotFoundError, ValueError, ImportError) as e:
+        res = export_weights(args.weights, args.out, arch=args.arch, opset=args.opset, check=not args.no_check)
+    except ValueError as e:
+        print(f"ectfast export-onnx: {e}", file=sys.stderr)
+        return 1 if "differs from PyTorch" in str(e) else 2
+    except (FileNotFoundError, ImportError, OSError) as e:
         print(f"ectfast export-onnx: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB)")
-    if args.check:
-        try:
-            err = check_onnx(model, args.out, args.size)
-        except ImportError:
-            print("onnxruntime not installed: numeric check skipped", file=sys.stderr)
-            return 0
-        print(f"onnxruntime vs PyTorch: max abs difference {err:.2e}")
-        if err > 1e-3:
-            print("ectfast export-onnx: ONNX output differs from PyTorch by more than 1e-3", file=sys.stderr)
-            return 1
+    print(f"wrote {res['path']} ({res['bytes'] / 2**20:.2f} MiB, weights sha256 {res['sha256']})")
+    if res["check"] is not None:
+        c = res["check"]
+        print(f"onnxruntime vs PyTorch: max abs difference {c['max_abs']:.2e}, same argmax in "
+              f"{100 * c['argmax_agree']:.1f}% of maps {c['maps']}")
     return 0

@@ -1,0 +1,409 @@
+"""Inference engines for the estimation network: ONNX Runtime (no torch needed) and PyTorch.
+
+An *estimator* maps face crops ``(B, 3, 256, 256)`` float32 RGB in [0, 1] (the fit's frame) to
+response maps ``(B, 68, h, h)`` (h = 32 for the lite network: ``ectfast.fit`` then runs with
+``upsample = 256 / h``). Crops larger than the network's input are averaged down to it by
+2 x 2 (or k x k) block means, as the training crops are. Every estimator has
+
+* ``input_size``: the network's input side (128 for ``lite``, 256 for ``paper``);
+* ``fit_options``: ``ectfast.fit`` keyword arguments chosen for this network (from its weights'
+  metadata, ``meta["fit"]``);
+* ``engine``, ``device``, ``arch``, ``sha256`` (of the PyTorch state dict it comes from).
+
+Engines
+-------
+``onnxruntime`` (:class:`OnnxEstimator`) runs an ONNX file written by ``ectfast export-onnx``.
+Everything it needs (architecture, input size, fit options, the weights' sha256) is read from
+the file's ``metadata_props`` (key ``"ectfast"``, a JSON object), so neither torch nor the onnx
+package is needed. ``torch`` (:class:`TorchEstimator`) runs a ``.pt`` weights file (needs
+``pip install 'ectfast[torch]'``); it is the engine for GPUs and for the ``paper``
+architecture.
+
+``engine="auto"`` (:func:`choose_engine`): on CPU, ONNX Runtime when it is installed and an ONNX
+file of the same weights exists (the shipped ``assets/lite_300w.onnx``, or ``NAME.onnx`` beside a
+``NAME.pt`` given as weights): it was measured faster than PyTorch on CPU (bench/pipeline.py,
+bench/RESULTS.md "torch-free inference"); otherwise PyTorch. On a CUDA device: PyTorch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Optional
+
+import numpy as np
+
+ENGINES = ("auto", "onnxruntime", "torch")
+#: the order engine="auto" tries on CPU (measured: ONNX Runtime is faster, bench/RESULTS.md)
+CPU_PREFERENCE = ("onnxruntime", "torch")
+CROP_SIZE = 256
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+DEFAULT_PT = os.path.join(ASSETS, "lite_300w.pt")
+DEFAULT_ONNX = os.path.join(ASSETS, "lite_300w.onnx")
+#: metadata_props key of the ONNX file, and the format tag inside its JSON value
+META_KEY = "ectfast"
+ONNX_FORMAT = "ectfast-onnx"
+ONNX_VERSION = 1
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("primary", "maps")
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
+
+NO_WEIGHTS_MESSAGE = ("no trained network is available: this installation of ectfast ships neither "
+                      f"{os.path.basename(DEFAULT_ONNX)} nor {os.path.basename(DEFAULT_PT)}. Pass "
+                      "--weights PATH (a .onnx from `ectfast export-onnx`, or a .pt from `ectfast train`).")
+
+
+# ------------------------------------------------------------------ devices
+
+
+def check_device(device) -> str:
+    """Validate the spelling of ``device``: 'auto', 'cpu', 'cuda' or 'cuda:N'."""
+    if not isinstance(device, str) or not _DEVICE_RE.match(device) or device.startswith(("auto:", "cpu:")):
+        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    return device
+
+
+def check_device_available(device: str, engine: str) -> None:
+    """ValueError (naming ``device``) when a CUDA device is asked for and ``engine`` cannot use
+    it here: torch without CUDA or without that device, onnxruntime without its CUDA provider."""
+    device = check_device(device)
+    if not device.startswith("cuda"):
+        return
+    if engine == "torch":
+        _torch_cuda_check(_torch(), device)
+    elif engine == "onnxruntime":
+        providers = _ort().get_available_providers()
+        if "CUDAExecutionProvider" not in providers:
+            raise ValueError(f"device: {device!r} was requested but onnxruntime has no CUDA provider "
+                             f"here (providers: {providers}); use --device cpu")
+
+
+def _cuda_index(device: str) -> int:
+    return int(device.split(":")[1]) if ":" in device else 0
+
+
+def _torch_cuda_check(torch, device: str) -> None:
+    if not torch.cuda.is_available():
+        why = ("this torch is built without CUDA" if getattr(torch.version, "cuda", None) is None
+               else "torch sees no CUDA device")
+        raise ValueError(f"device: {device!r} was requested but {why} (torch {torch.__version__}); "
+                         "use --device cpu")
+    n = torch.cuda.device_count()
+    if _cuda_index(device) >= n:
+        raise ValueError(f"device: {device!r} was requested but torch sees {n} CUDA device(s) "
+                         f"(cuda:0..cuda:{n - 1})")
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ImportError("the onnxruntime engine needs ONNX Runtime: pip install onnxruntime "
+                          "(a dependency of ectfast; or choose --engine torch)") from None
+    return onnxruntime
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise ImportError("the torch engine needs PyTorch: pip install 'ectfast[torch]' "
+                          "(or use --engine onnxruntime with a .onnx file)") from None
+    return torch
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def available_engines() -> list:
+    """The engines whose runtime is installed here: a subset of ['onnxruntime', 'torch']."""
+    return [e for e, m in (("onnxruntime", "onnxruntime"), ("torch", "torch")) if _installed(m)]
+
+
+# ------------------------------------------------------------------ crops -> the net's input
+
+
+def pool_to(x: np.ndarray, size: int) -> np.ndarray:
+    """(B, C, S, S) -> (B, C, size, size) by k x k block means (k = S / size, an integer), the
+    same as torch's avg_pool2d(k)."""
+    s = x.shape[-1]
+    if s == size:
+        return x
+    if s % size or x.shape[-2] != s:
+        raise ValueError(f"crops: {x.shape[-2]}x{s} crops cannot be averaged down to the network's "
+                         f"{size}x{size} input")
+    k = s // size
+    b, c = x.shape[:2]
+    return x.reshape(b, c, size, k, size, k).mean(axis=(3, 5), dtype=np.float32)
+
+
+def _check_crops(crops) -> np.ndarray:
+    x = np.ascontiguousarray(crops, dtype=np.float32)
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"crops: expected (B, 3, H, W) float32 RGB in [0, 1], got shape {x.shape}")
+    return x
+
+
+# ------------------------------------------------------------------ ONNX Runtime
+
+
+def read_onnx_metadata(path) -> dict:
+    """The ``ectfast`` metadata of an ONNX file (a dict: format, version, arch, input_size,
+    map_size, n_landmarks, sha256, meta) read with onnxruntime (no onnx package needed).
+    ValueError when the file is not an ectfast ONNX file."""
+    ort = _ort()
+    sess = _session(ort, path, ["CPUExecutionProvider"], None)
+    return _metadata(sess, path)
+
+
+def _session(ort, path, providers, threads):
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"ONNX model not found at {path!r} (write one with `ectfast export-onnx`)")
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    so.log_severity_level = 3  # errors only
+    try:
+        return ort.InferenceSession(path, so, providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types for a bad file
+        raise ValueError(f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e).strip()[:200]})") from None
+
+
+def _metadata(sess, path) -> dict:
+    props = sess.get_modelmeta().custom_metadata_map
+    raw = props.get(META_KEY)
+    if raw is None:
+        raise ValueError(f"{path}: no '{META_KEY}' metadata: not written by `ectfast export-onnx`")
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise ValueError(f"{path}: its '{META_KEY}' metadata is not JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != ONNX_FORMAT:
+        raise ValueError(f"{path}: metadata format {meta.get('format') if isinstance(meta, dict) else None!r}, "
+                         f"expected {ONNX_FORMAT!r}")
+    if meta.get("version") != ONNX_VERSION:
+        raise ValueError(f"{path}: ectfast ONNX version {meta.get('version')!r}, this ectfast reads {ONNX_VERSION}")
+    for key in ("arch", "input_size", "n_landmarks"):
+        if key not in meta:
+            raise ValueError(f"{path}: metadata has no {key!r}")
+    if not isinstance(meta.get("meta", {}), dict):
+        raise ValueError(f"{path}: metadata 'meta' is not an object")
+    return meta
+
+
+class OnnxEstimator:
+    """The estimation network run by ONNX Runtime from an ``ectfast export-onnx`` file.
+
+    path: the .onnx file (None: the shipped ``assets/lite_300w.onnx``). device: 'cpu' (or
+    'auto'), or 'cuda'/'cuda:N' where onnxruntime has the CUDA provider. threads: ONNX Runtime's
+    intra-op threads (None: its default, one per core)."""
+
+    engine = "onnxruntime"
+
+    def __init__(self, path=None, device: str = "cpu", threads: Optional[int] = None):
+        ort = _ort()
+        device = check_device(device)
+        providers = ort.get_available_providers()
+        if device.startswith("cuda"):
+            if "CUDAExecutionProvider" not in providers:
+                raise ValueError(f"device: {device!r} was requested but onnxruntime has no CUDA provider "
+                                 f"here (providers: {providers}); use --device cpu")
+            chosen = [("CUDAExecutionProvider", {"device_id": _cuda_index(device)}), "CPUExecutionProvider"]
+        else:
+            device = "cpu"
+            chosen = ["CPUExecutionProvider"]
+        self.path = os.fspath(DEFAULT_ONNX if path is None else path)
+        self.session = _session(ort, self.path, chosen, threads)
+        self.meta = _metadata(self.session, self.path)
+        self.device = device
+        self.arch = self.meta["arch"]
+        self.input_size = int(self.meta["input_size"])
+        self.sha256 = self.meta.get("sha256")
+        #: fit parameters chosen for this network's maps (stored with its weights)
+        self.fit_options = dict((self.meta.get("meta") or {}).get("fit") or {})
+        inputs = self.session.get_inputs()
+        self._input = inputs[0].name
+        outs = [o.name for o in self.session.get_outputs()]
+        self._output = OUTPUT_NAMES[1] if OUTPUT_NAMES[1] in outs else outs[-1]
+
+    def __call__(self, crops) -> np.ndarray:
+        x = pool_to(_check_crops(crops), self.input_size)
+        return self.session.run([self._output], {self._input: x})[0]
+
+
+# ------------------------------------------------------------------ PyTorch
+
+
+class TorchEstimator:
+    """The estimation network run by PyTorch from a ``.pt`` weights file (``ectfast.model``).
+    Maps stay on the GPU when the model runs there (ectfast.fit's cuda backend takes them)."""
+
+    engine = "torch"
+
+    def __init__(self, weights=None, device: str = "auto", threads: Optional[int] = None):
+        torch = _torch()
+        device = check_device(device)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device.startswith("cuda"):
+            _torch_cuda_check(torch, device)
+        try:
+            from . import model
+        except ModuleNotFoundError as e:
+            if e.name not in ("ectfast.model", "ectfast"):
+                raise
+            raise ImportError("the network module ectfast.model is missing from this installation") from None
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.torch = torch
+        self.device = device
+        self.path = os.fspath(model.DEFAULT_WEIGHTS if weights is None else weights)
+        net = model.load_pretrained(self.path, device=device)
+        self.net = net.eval()
+        self.arch = getattr(net, "arch", "paper")
+        #: the network's input side: 256 crops are averaged down to it (the lite net takes 128)
+        self.input_size = int(getattr(net, "input_size", CROP_SIZE))
+        self.meta = dict(getattr(net, "meta", None) or {})
+        self.sha256 = model.read_weights(self.path).get("sha256")
+        #: fit parameters chosen for this network's maps (stored with its weights)
+        self.fit_options = dict(self.meta.get("fit") or {})
+
+    def __call__(self, crops):
+        torch = self.torch
+        with torch.inference_mode():
+            x = torch.from_numpy(_check_crops(crops)).to(self.device)
+            if x.shape[-1] > self.input_size:  # block averaging = the training crops' resize
+                x = torch.nn.functional.avg_pool2d(x, x.shape[-1] // self.input_size)
+            out = self.net(x)
+            return out[-1] if isinstance(out, (tuple, list)) else out
+
+
+# ------------------------------------------------------------------ the choice
+
+
+def _is_onnx(path) -> bool:
+    return path is not None and os.fspath(path).lower().endswith(".onnx")
+
+
+def _sibling_onnx(path) -> Optional[str]:
+    """NAME.onnx beside NAME.pt, if it exists."""
+    if path is None:
+        return DEFAULT_ONNX if os.path.isfile(DEFAULT_ONNX) else None
+    cand = os.path.splitext(os.fspath(path))[0] + ".onnx"
+    return cand if os.path.isfile(cand) else None
+
+
+def choose_engine(weights=None, device: str = "auto", engine: str = "auto") -> str:
+    """The engine ``make_estimator`` uses (see the module docstring). ValueError for an unknown
+    engine or one that cannot run these weights; ImportError when the engine is not installed."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
+    device = check_device(device)
+    if engine == "torch":
+        if _is_onnx(weights):
+            raise ValueError(f"engine: 'torch' cannot run the ONNX file {os.fspath(weights)!r}; use "
+                             "--engine onnxruntime, or pass the .pt weights")
+        _torch()
+        return "torch"
+    if engine == "onnxruntime":
+        _ort()
+        return "onnxruntime"
+    # auto
+    if _is_onnx(weights):
+        _ort()
+        return "onnxruntime"
+    have = available_engines()
+    if device.startswith("cuda") or (device == "auto" and "torch" in have and _torch_cuda_available()):
+        if "torch" in have:
+            return "torch"
+    for e in CPU_PREFERENCE:
+        if e not in have:
+            continue
+        if e == "onnxruntime" and _sibling_onnx(weights) is None:
+            continue  # no ONNX file of these weights: would need a conversion (torch + onnx)
+        if e == "torch" and weights is None and not os.path.isfile(DEFAULT_PT):
+            continue
+        return e
+    if not have:
+        raise ImportError("no inference engine is installed: pip install onnxruntime (or 'ectfast[torch]')")
+    if weights is not None and "torch" not in have:
+        raise ImportError(f"weights: {os.fspath(weights)!r} is a PyTorch file and torch is not installed: "
+                          "pip install 'ectfast[torch]', or pass the .onnx written by `ectfast export-onnx`")
+    return have[0]
+
+
+def _torch_cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def make_estimator(weights=None, device: str = "auto", engine: str = "auto", threads: Optional[int] = None):
+    """The network as an estimator (crops -> maps) on ``engine`` ('auto', 'onnxruntime', 'torch').
+
+    weights: None (the shipped network), a ``.onnx`` file (ONNX Runtime) or a ``.pt`` weights
+    file (PyTorch; with engine 'onnxruntime' it is converted in memory, which needs torch and
+    onnx, unless NAME.onnx lies beside it). FileNotFoundError when nothing is shipped or the
+    file is missing, ValueError for a bad file/device/engine, ImportError for a missing engine."""
+    chosen = choose_engine(weights, device, engine)
+    check_device_available(device, chosen)
+    if weights is not None and not os.path.exists(os.fspath(weights)):
+        raise FileNotFoundError(f"weights: no such file {os.fspath(weights)!r}")
+    if chosen == "torch":
+        if weights is None and not os.path.isfile(DEFAULT_PT):
+            raise FileNotFoundError(NO_WEIGHTS_MESSAGE)
+        return TorchEstimator(weights, device, threads)
+    if _is_onnx(weights):
+        return OnnxEstimator(weights, device, threads)
+    onnx_path = _sibling_onnx(weights)
+    if onnx_path is not None:
+        est = OnnxEstimator(onnx_path, device, threads)
+        if weights is not None:
+            _check_same_weights(weights, est)
+        return est
+    if weights is None:
+        raise FileNotFoundError(NO_WEIGHTS_MESSAGE)
+    return _converted(weights, device, threads)
+
+
+def _pt_sha256(path) -> Optional[str]:
+    try:
+        import torch
+    except ImportError:
+        return None
+    try:
+        blob = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    return blob.get("sha256") if isinstance(blob, dict) else None
+
+
+def _check_same_weights(weights, est) -> None:
+    want = _pt_sha256(weights)
+    if want is not None and est.sha256 is not None and want != est.sha256:
+        raise ValueError(f"weights: {est.path} beside {os.fspath(weights)} was exported from other weights "
+                         f"(sha256 {est.sha256[:12]}... vs {want[:12]}...): rerun `ectfast export-onnx "
+                         f"--weights {os.fspath(weights)} --out {est.path}`")
+
+
+def _converted(weights, device, threads) -> OnnxEstimator:
+    """A .pt converted to ONNX in memory (needs torch and onnx)."""
+    import tempfile
+
+    _torch()
+    from . import export
+
+    with tempfile.TemporaryDirectory(prefix="ectfast-onnx-") as tmp:
+        path = os.path.join(tmp, "net.onnx")
+        export.export_weights(weights, path, check=False)
+        est = OnnxEstimator(path, device, threads)
+        est.path = f"{os.fspath(weights)} (converted to ONNX in memory)"
+    return est
