@@ -1,0 +1,223 @@
+"""ectfast.engine: ONNX Runtime and PyTorch estimators, the ONNX export with its metadata, the
+engine choice and its error messages (issue 10: torch-free inference; issue 11: --device)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from ectfast import cli
+from ectfast import engine as E
+
+torch = pytest.importorskip("torch", reason="the export and the comparison need PyTorch")
+pytest.importorskip("onnx", reason="the export needs the onnx package")
+pytest.importorskip("onnxruntime")
+
+FIT = {"a": 0.3, "b": 12.0}
+
+
+@pytest.fixture(scope="module")
+def net_files(tmp_path_factory):
+    """A random lite network saved as a weights file (with fit options in its metadata) and
+    exported by `ectfast export-onnx` beside it."""
+    from ectfast import model
+
+    d = tmp_path_factory.mktemp("net")
+    torch.manual_seed(3)
+    net = model.build("lite").eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so that folding them is checked
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    pt = d / "lite.pt"
+    sha = model.save_weights(net, pt, meta={"fit": FIT, "train_state": {"big": list(range(10))}})
+    onnx_path = d / "lite.onnx"
+    rc = cli.main(["export-onnx", "--weights", str(pt), "--out", str(onnx_path)])
+    assert rc == 0
+    return pt, onnx_path, sha
+
+
+def _crops(n=3, seed=0):
+    return np.random.default_rng(seed).random((n, 3, 256, 256), dtype=np.float32)
+
+
+def test_onnx_file_carries_the_metadata(net_files, capsys):
+    pt, onnx_path, sha = net_files
+    est = E.OnnxEstimator(onnx_path)
+    assert est.engine == "onnxruntime" and est.arch == "lite" and est.input_size == 128
+    assert est.fit_options == FIT
+    assert est.sha256 == sha
+    meta = E.read_onnx_metadata(onnx_path)
+    assert meta["format"] == E.ONNX_FORMAT and meta["map_size"] == 32 and meta["crop_size"] == 256
+    assert meta["n_landmarks"] == 68 and meta["weights_file"] == "lite.pt"
+    assert "train_state" not in meta["meta"]  # the training position stays out of the ONNX file
+    assert os.path.getsize(onnx_path) < 2 * 2**20  # float32, 0.24 M parameters
+
+
+def test_onnx_matches_torch_on_256_crops(net_files):
+    pt, onnx_path, _ = net_files
+    o = E.OnnxEstimator(onnx_path)
+    t = E.TorchEstimator(pt, device="cpu")
+    assert t.fit_options == FIT and t.input_size == 128 and t.sha256 == o.sha256
+    x = _crops(4)
+    a, b = o(x), t(x).numpy()
+    assert a.shape == b.shape == (4, 68, 32, 32)
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_pool_to_is_avg_pool(net_files):
+    x = _crops(2, seed=5)
+    ref = torch.nn.functional.avg_pool2d(torch.from_numpy(x), 2).numpy()
+    np.testing.assert_allclose(E.pool_to(x, 128), ref, atol=1e-6)
+    with pytest.raises(ValueError, match="crops"):
+        E.pool_to(x[..., :200, :200], 128)
+
+
+def test_engine_choice(net_files, tmp_path):
+    pt, onnx_path, _ = net_files
+    assert E.choose_engine(onnx_path) == "onnxruntime"
+    assert isinstance(E.make_estimator(onnx_path, "cpu"), E.OnnxEstimator)
+    # a .pt with its exported twin beside it: auto runs the ONNX file (faster on CPU)
+    assert E.CPU_PREFERENCE[0] == "onnxruntime"
+    est = E.make_estimator(pt, "cpu")
+    assert isinstance(est, E.OnnxEstimator) and est.path == str(onnx_path)
+    assert isinstance(E.make_estimator(pt, "cpu", engine="torch"), E.TorchEstimator)
+    # a .pt alone: torch under auto; onnxruntime converts it in memory
+    lone = tmp_path / "alone.pt"
+    lone.write_bytes(pt.read_bytes())
+    assert E.choose_engine(lone, "cpu") == "torch"
+    conv = E.make_estimator(lone, "cpu", engine="onnxruntime")
+    assert isinstance(conv, E.OnnxEstimator) and "converted" in conv.path
+    np.testing.assert_allclose(conv(_crops(1)), E.OnnxEstimator(onnx_path)(_crops(1)), atol=1e-5)
+
+
+def test_stale_onnx_beside_weights_is_refused(net_files, tmp_path):
+    from ectfast import model
+
+    pt, onnx_path, _ = net_files
+    other = tmp_path / "lite.pt"
+    torch.manual_seed(9)
+    model.save_weights(model.build("lite"), other, meta={})
+    (tmp_path / "lite.onnx").write_bytes(onnx_path.read_bytes())  # exported from other weights
+    with pytest.raises(ValueError, match="weights: .* was exported from other weights"):
+        E.make_estimator(other, "cpu")
+
+
+@pytest.mark.parametrize("engine, weights, exc, words", [
+    ("magic", None, ValueError, "engine: expected one of"),
+    ("torch", "onnx", ValueError, "engine: 'torch' cannot run the ONNX file"),
+])
+def test_bad_engine_arguments(net_files, engine, weights, exc, words):
+    w = net_files[1] if weights == "onnx" else None
+    with pytest.raises(exc, match=words):
+        E.make_estimator(w, "cpu", engine=engine)
+
+
+def test_missing_engines_are_clear(net_files, monkeypatch):
+    pt, onnx_path, _ = net_files
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    with pytest.raises(ImportError, match=r"torch engine needs PyTorch: pip install 'ectfast\[torch\]'"):
+        E.make_estimator(pt, "cpu", engine="torch")
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ImportError, match="onnxruntime engine needs ONNX Runtime"):
+        E.make_estimator(onnx_path, "cpu")
+
+
+def test_bad_onnx_files(tmp_path, net_files):
+    with pytest.raises(FileNotFoundError, match="weights: no such file"):
+        E.make_estimator(tmp_path / "missing.onnx", "cpu")
+    txt = tmp_path / "text.onnx"
+    txt.write_text("not a model")
+    with pytest.raises(ValueError, match="not a readable ONNX model"):
+        E.OnnxEstimator(txt)
+    import onnx
+
+    proto = onnx.load(str(net_files[1]))
+    del proto.metadata_props[:]
+    bare = tmp_path / "bare.onnx"
+    onnx.save(proto, str(bare))
+    with pytest.raises(ValueError, match="no 'ectfast' metadata"):
+        E.OnnxEstimator(bare)
+    onnx.helper.set_model_props(proto, {"ectfast": json.dumps({"format": "other"})})
+    onnx.save(proto, str(bare))
+    with pytest.raises(ValueError, match="metadata format 'other'"):
+        E.OnnxEstimator(bare)
+
+
+def test_bad_device_spelling():
+    for bad in ("gpu", "cuda:", "cuda:x", "cpu:0", "", None):
+        with pytest.raises(ValueError, match="device"):
+            E.check_device(bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:5"], ids=["device-plain", "device-index-5"])
+def test_cuda_without_cuda_is_one_clear_error(net_files, device, tmp_path, capsys):
+    import cv2
+
+    pt, onnx_path, _ = net_files
+    with pytest.raises(ValueError, match=f"device: '{device}' was requested but"):
+        E.make_estimator(pt, device, engine="torch")
+    with pytest.raises(ValueError, match=f"device: '{device}' was requested but onnxruntime has no CUDA"):
+        E.make_estimator(onnx_path, device, engine="onnxruntime")
+    img = tmp_path / "x.png"
+    cv2.imwrite(str(img), np.zeros((64, 64, 3), np.uint8))
+    for engine in ("auto", "torch", "onnxruntime"):
+        rc = cli.main(["detect", str(img), "--weights", str(pt), "--device", device, "--engine", engine,
+                       "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert rc == 2, engine
+        assert err.startswith(f"ectfast detect: device: '{device}' was requested but") and err.count("\n") == 1
+        assert "Traceback" not in err
+    from ectfast.pts import write_pts
+
+    data = tmp_path / "data"
+    data.mkdir()
+    cv2.imwrite(str(data / "a.png"), np.zeros((64, 64, 3), np.uint8))
+    write_pts(data / "a.pts", np.random.default_rng(1).random((68, 2)) * 40 + 10)
+    rc = cli.main(["eval", str(data), "--weights", str(pt), "--device", device, "--no-progress",
+                   "--out", str(tmp_path / "e")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "device:" in err and "Traceback" not in err
+
+
+def test_detect_without_torch(net_files, tmp_path):
+    """A plain install (no torch) detects landmarks with ONNX Runtime: torch is made unimportable
+    in a fresh interpreter, which then runs the whole Detector on an image."""
+    import cv2
+
+    _, onnx_path, _ = net_files
+    img = tmp_path / "face.png"
+    cv2.imwrite(str(img), (np.random.default_rng(0).random((300, 280, 3)) * 255).astype(np.uint8))
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["torch"] = None  # import torch now raises ImportError
+        import numpy as np
+        import ectfast
+        from ectfast import engine, cli
+        assert engine.available_engines() == ["onnxruntime"], engine.available_engines()
+        det = ectfast.Detector(weights={str(onnx_path)!r}, face_detector=lambda im: np.array([[40, 40, 240, 240.]]))
+        faces = det.detect({str(img)!r})
+        assert det.engine == "onnxruntime" and len(faces) == 1
+        assert np.isfinite(faces[0].landmarks).all() and faces[0].landmarks.shape == (68, 2)
+        try:
+            engine.make_estimator({str(onnx_path)!r}, "cpu", engine="torch")
+        except ValueError as e:
+            assert "engine" in str(e)
+        try:
+            engine.make_estimator(None, "cpu", engine="torch")
+        except ImportError as e:
+            assert "ectfast[torch]" in str(e)
+        else:
+            raise AssertionError("no ImportError")
+        print("OK", [m for m in sys.modules if m == "torch" or m.startswith("torch.")])
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "OK ['torch']" in r.stdout  # only the blocking None entry
