@@ -418,31 +418,35 @@ class BlazeFaceComboDetector:
     __call__ = detect
 
 
-_CASCADE = None
+def haar_cascade_path() -> str:
+    """Path of the frontal-face Haar cascade shipped with opencv-python(-headless) 4.x."""
+    import cv2
+
+    folder = getattr(getattr(cv2, "data", None), "haarcascades", None)
+    path = os.path.join(folder, HAAR_FILE) if folder else None
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"the OpenCV Haar cascade {HAAR_FILE} was not found ({path or 'cv2.data.haarcascades is missing'});"
+            " install opencv-python-headless 4.x, which ships it, or pass face boxes")
+    return path
 
 
 def haar_cascade():
-    """The frontal-face Haar cascade shipped with opencv-python(-headless) 4.x (cached)."""
-    global _CASCADE
-    if _CASCADE is None:
-        import cv2
+    """A newly loaded frontal-face Haar cascade (one per detector: a cascade is not shared
+    between threads)."""
+    import cv2
 
-        folder = getattr(getattr(cv2, "data", None), "haarcascades", None)
-        path = os.path.join(folder, HAAR_FILE) if folder else None
-        if not path or not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"the OpenCV Haar cascade {HAAR_FILE} was not found ({path or 'cv2.data.haarcascades is missing'});"
-                " install opencv-python-headless 4.x, which ships it, or pass face boxes")
-        cascade = cv2.CascadeClassifier(path)
-        if cascade.empty():
-            raise FileNotFoundError(f"{path}: OpenCV could not load the Haar cascade (corrupt file?)")
-        _CASCADE = cascade
-    return _CASCADE
+    path = haar_cascade_path()
+    cascade = cv2.CascadeClassifier(path)
+    if cascade.empty():
+        raise FileNotFoundError(f"{path}: OpenCV could not load the Haar cascade (corrupt file?)")
+    return cascade
 
 
 class HaarDetector:
     """OpenCV's frontal-face Haar cascade (histogram-equalized grey image, downscaled to
-    HAAR_MAX_SIDE for the search). ``score`` is the number of merged neighbour windows."""
+    HAAR_MAX_SIDE for the search). ``score`` is the number of merged neighbour windows. Each
+    instance loads its own cascade: use one instance per thread."""
 
     name = "haar"
     calibration_name = "haar"
@@ -531,7 +535,8 @@ def default_detector():
     """The best backend that loads here (cached), in the order DEFAULT_ORDER: "blazeface"
     (short range on the whole image + full range on tiles of large images), else BlazeFace short
     range alone, else full range alone, else Haar. RuntimeError naming every failure when none
-    loads."""
+    loads. The instance is shared: detectors hold OpenCV nets/cascades that must not be used by
+    two threads at once, so threads should each call ``make_detector(default_detector().name)``."""
     global _DEFAULT
     if _DEFAULT is None:
         errors = []
