@@ -1302,6 +1302,8 @@ def _json_done(json_path: str, image_path: str) -> bool:
 
 def _jsonl_done(path: str) -> set:
     done = set()
+    if not os.path.isfile(path):  # a new file, or a device/pipe (never read those back)
+        return done
     try:
         with open(path, "r", encoding="utf-8") as fh:
             for line in fh:
@@ -1380,7 +1382,7 @@ def run(args, *, estimator=None) -> int:
                 _check_writable(d)
             try:
                 jsonl_fh = open(args.jsonl, "w" if overwrite else "a", encoding="utf-8")
-                if jsonl_fh.tell() > 0:
+                if os.path.isfile(args.jsonl) and jsonl_fh.tell() > 0:
                     with open(args.jsonl, "rb") as fh:
                         fh.seek(-1, os.SEEK_END)
                         if fh.read(1) != b"\n":
@@ -1465,7 +1467,12 @@ def run(args, *, estimator=None) -> int:
     finally:
         results.close()
         if jsonl_fh is not None and jsonl_fh is not sys.stdout:
-            jsonl_fh.close()
+            try:
+                jsonl_fh.close()
+            except OSError as e:  # the last flush failed
+                if status is None:
+                    print(f"ectfast detect: cannot write {args.jsonl}: {e.strerror or e}", file=sys.stderr)
+                    status = EXIT_OUTPUT
     rep.close()
     dt = time.perf_counter() - t0
     done = n_ok + n_empty
