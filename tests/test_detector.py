@@ -222,10 +222,10 @@ def test_photographs_with_landmark_boxes(data_dir, ect_data, name):
 
 @pytest.mark.data
 @pytest.mark.parametrize("name", ["lenna.png", "takeo.ppm"])
-def test_photographs_with_haar(data_dir, ect_data, name):
-    """Haar finds the face in lenna and takeo (not in einstein, nor the annotated face of
-    breakingbad). Measured inter-ocular NME: CRM 0.0105 (lenna: the Haar crop cuts 4 jaw points)
-    and 0.0035 (takeo); ECT 0.021 and 0.014."""
+def test_photographs_with_the_default_face_detector(data_dir, ect_data, name):
+    """The default face detector (ectfast.faces; Haar where it is missing) finds the face in lenna
+    and takeo, and its calibrated crop gives back the annotation (bounds measured with Haar:
+    CRM 0.0105 and 0.0035, ECT 0.021 and 0.014)."""
     img, gt = _photo(data_dir, name)
     for method, bound in (("crm", 0.02), ("ect", 0.04)):
         faces = ectfast.Detector(estimator=FiducialEstimator(gt), method=method).detect(img)
@@ -236,3 +236,103 @@ def test_photographs_with_haar(data_dir, ect_data, name):
         ref = _box(ect_data, gt)[0]
         side = ref[2] - ref[0]
         assert np.abs(f.box - ref).max() < 0.25 * side
+
+
+# ------------------------------------------------------------------ tilted faces (issue 10)
+
+
+class _Recorder(FiducialEstimator):
+    def __init__(self, template, **kw):
+        super().__init__(template, **kw)
+        self.dots = []
+
+    def __call__(self, crops):
+        from _e2e_helpers import find_dots
+
+        self.dots.extend(find_dots(c) for c in crops)
+        return super().__call__(crops)
+
+
+def _tilted_face(T, degrees, size=420):
+    t = np.deg2rad(degrees)
+    R = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+    gt = T @ R.T + size / 2
+    img = np.full((size, size, 3), (70, 90, 110), np.uint8)
+    draw_dots(img, gt, radius=3.5)
+    return img, gt
+
+
+@pytest.mark.parametrize("degrees", [-28.0, 0.0, 17.0])
+def test_tilted_face_crop_is_levelled_by_the_eye_line(pdm, ect_data, degrees):
+    faces_mod = pytest.importorskip("ectfast.faces", reason="the face-detector layer is not installed")
+    T = template_shape(pdm)
+    img, gt = _tilted_face(T, degrees)
+    eyes = np.array([gt[36:42].mean(0), gt[42:48].mean(0)])  # subject's right eye first (image left)
+    box = np.asarray(ect_data.box_from_landmarks(gt), float)
+
+    class FakeBlaze:
+        name = "haar"  # any calibrated name; the box below is already the crop box's core
+
+        def detect(self, im):
+            return [faces_mod.FaceBox(tuple(box), 0.9, eyes, "fake")]
+
+    faces_mod_crop_box = faces_mod.crop_box
+    try:
+        faces_mod.crop_box = lambda fb, name=None: tuple(fb.box)  # keep the exact annotation box
+        est = _Recorder(T)
+        det = ectfast.Detector(estimator=est, face_detector=FakeBlaze(), method="crm")
+        (face,) = det.detect(img)
+        est_flat = _Recorder(T)
+        (flat,) = ectfast.Detector(estimator=est_flat, face_detector=FakeBlaze(), method="crm", align=False).detect(img)
+    finally:
+        faces_mod.crop_box = faces_mod_crop_box
+    eye_line = np.arctan2(*(eyes[1] - eyes[0])[::-1])
+    assert face.angle == pytest.approx(eye_line, abs=1e-9) and flat.angle == 0.0
+    assert abs(np.degrees(eye_line) - degrees) < 3  # the template's own eye line is nearly level
+
+    def dots_angle(dots):  # the outer eye-corner dots (36, 45), in degrees
+        return np.degrees(np.arctan2(dots[1][1] - dots[0][1], dots[1][0] - dots[0][0]))
+
+    image_angle = np.degrees(np.arctan2(*(gt[45] - gt[36])[::-1]))
+    assert abs(dots_angle(est.dots[0]) - (image_angle - np.degrees(eye_line))) < 1.0  # levelled
+    assert abs(dots_angle(est.dots[0])) < 3.0
+    assert abs(dots_angle(est_flat.dots[0]) - image_angle) < 1.0  # without align: tilted as in the image
+    # landmarks mapped back through the rotated crop's inverse affine land on the annotation
+    assert metrics.nme(face.landmarks, gt)[0] < 0.01
+    assert metrics.nme(flat.landmarks, gt)[0] < 0.01
+    # boxes passed by the caller are used as given (no rotation)
+    (given,) = ectfast.Detector(estimator=FiducialEstimator(T), face_detector=None, method="crm").detect(img, boxes=box)
+    assert given.angle == 0.0 and metrics.nme(given.landmarks, gt)[0] < 0.01
+
+
+def test_crop_affine_rotation_and_inverse():
+    import cv2 as _cv2
+
+    box = (100.0, 50.0, 300.0, 250.0)
+    M0 = D.crop_affine(box, 0.0)
+    np.testing.assert_allclose(M0, [[1.28, 0, 127.5 - 1.28 * 200], [0, 1.28, 127.5 - 1.28 * 150]])
+    M = D.crop_affine(box, np.deg2rad(30))
+    # the box centre stays at the crop centre; a vector at +30 degrees becomes horizontal
+    c = np.array([200.0, 150.0])
+    np.testing.assert_allclose(M[:, :2] @ c + M[:, 2], [127.5, 127.5])
+    v = M[:, :2] @ np.array([np.cos(np.deg2rad(30)), np.sin(np.deg2rad(30))])
+    assert abs(v[1]) < 1e-12 and v[0] > 0
+    pts = np.array([[[120.0, 70.0], [260.0, 240.0]]])
+    crop_pts = pts @ M[:, :2].T + M[:, 2]
+    np.testing.assert_allclose(D.crop_to_image(crop_pts, M[None]), pts, atol=1e-9)
+    np.testing.assert_allclose(_cv2.invertAffineTransform(M) @ np.r_[127.5, 127.5, 1.0], c)
+    with pytest.raises(ValueError, match="box"):
+        D.crop_affine((0, 0, 0, 0))
+    with pytest.raises(ValueError, match="angle"):
+        D.crop_affine(box, float("nan"))
+
+
+def test_visibility_threshold_is_checked(pdm, ect_data):
+    T = template_shape(pdm)
+    for bad in (float("nan"), -0.1, 1.5, float("inf")):
+        with pytest.raises(ValueError, match="visibility_threshold"):
+            ectfast.Detector(estimator=FiducialEstimator(T), visibility_threshold=bad)
+    with pytest.raises(ValueError, match="engine"):
+        ectfast.Detector(estimator=FiducialEstimator(T), engine="tensorrt")
+    with pytest.raises(ValueError, match="device"):
+        ectfast.Detector(estimator=FiducialEstimator(T), device="gpu0")
