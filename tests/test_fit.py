@@ -204,19 +204,36 @@ def test_non_finite_maps(pdm, backend, value):
     (dict(visibility_threshold="high"), "visibility_threshold"),
     (dict(upsample=3), "upsample"),
     (dict(upsample=0), "upsample"),
+    (dict(upsample=18), "upsample"),
+    (dict(iterations=10**9), "iterations"),
+    (dict(patch_sizes=(30, 2000)), "patch_sizes"),
+    (dict(correction_patch_size=2000), "correction_patch_size"),
+    (dict(num_threads=0), "num_threads"),
+    (dict(a="0.25"), "a"),
+    (dict(b=None), "b"),
     (dict(backend="tpu"), "backend"),
     (dict(pdm="default"), "pdm"),
 ])
 def test_bad_parameters(pdm, kwargs, msg):
+    """The message must begin with the argument's name (``match="a"`` used to accept any message
+    containing the letter a)."""
     kwargs.setdefault("pdm", pdm)
-    with pytest.raises((ValueError, TypeError), match=msg):
+    with pytest.raises((ValueError, TypeError), match=rf"^{msg}: "):
         ectfast.fit(np.zeros((1, 68, 16, 16), np.float32), **kwargs)
 
 
 def test_cuda_backend_without_gpu_is_a_clear_error(pdm):
+    from ectfast import _dispatch
+
     if "cuda" in ectfast.backends():
         pytest.skip("a GPU is present")
-    with pytest.raises(ValueError, match="not available"):
+    core = _dispatch._core()
+    if core is not None and getattr(core, "cuda_built", False):
+        # built with CUDA, no device: say so (it used to say "not available (built: [...])")
+        msg = r"^backend: 'cuda' was built into this ectfast, but no CUDA device is visible"
+    else:
+        msg = r"^backend: 'cuda' is not available here"
+    with pytest.raises(ValueError, match=msg):
         ectfast.fit(np.zeros((1, 68, 16, 16), np.float32), pdm, backend="cuda")
 
 

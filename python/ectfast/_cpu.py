@@ -81,11 +81,10 @@ class CpuOps(ReferenceOps):
     name = "cpu"
 
     def __init__(self, num_threads: Optional[int] = None, lazy_upsample: bool = True):
-        if num_threads is None:
-            num_threads = 0
-        elif isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral) or num_threads < 1:
-            raise ValueError(f"num_threads: expected None or an integer >= 1, got {num_threads!r}")
-        self.num_threads = int(num_threads)
+        from .fit import check_num_threads  # the one check of fit's num_threads argument
+
+        num_threads = check_num_threads(num_threads)
+        self.num_threads = 0 if num_threads is None else num_threads
         self.lazy_upsample = bool(lazy_upsample)
 
     # ---------------------------------------------------------------- maps
@@ -97,6 +96,12 @@ class CpuOps(ReferenceOps):
         if self.lazy_upsample:
             return UpsampledMaps(maps, factor, self.num_threads)
         return _core.cpu_upsample(maps, int(factor), self.num_threads)
+
+    def faces(self, maps, start, stop):
+        """Faces start..stop-1 of prepared maps, as a view (lazily upsampled maps stay lazy)."""
+        if isinstance(maps, UpsampledMaps):
+            return UpsampledMaps(maps.small[start:stop], maps.factor, maps._num_threads)
+        return maps[start:stop]
 
     def argmax(self, maps):
         src, factor = _source(maps)

@@ -35,21 +35,20 @@ def clamp_shape(shape: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def extract_patch(response: np.ndarray, x: float, y: float, r: int):
-    """The (2h+1) x (2h+1) patch, h = r // 2, of one map (H, W) centred on the pixel of (x, y);
-    zero outside the map, negatives clamped to zero. Returns (patch, xs, ys): the patch and
-    the pixel coordinates of its columns and rows."""
+    """The patch of one map (H, W) centred on the pixel of (x, y): the (2h+1) x (2h+1) window,
+    h = r // 2, of which pixels outside the map count as zero, negatives clamped to zero.
+
+    Zeros add nothing to any sum of Eqs. 9 and 15, so only the part of the window inside the
+    map is returned (memory and time are bounded by the map, whatever r): (patch, xs, ys), the
+    patch and the pixel coordinates of its columns and rows (empty when nothing overlaps)."""
     H, W = response.shape
     h = r // 2
     cx, cy = centre_pixel(x), centre_pixel(y)
-    xs = np.arange(cx - h, cx + h + 1)
-    ys = np.arange(cy - h, cy + h + 1)
-    patch = np.zeros((2 * h + 1, 2 * h + 1), dtype=np.float64)
     x0, x1 = max(cx - h, 0), min(cx + h + 1, W)
     y0, y1 = max(cy - h, 0), min(cy + h + 1, H)
-    if x0 < x1 and y0 < y1:
-        patch[y0 - ys[0]:y1 - ys[0], x0 - xs[0]:x1 - xs[0]] = response[y0:y1, x0:x1]
-    np.maximum(patch, 0.0, out=patch)
-    return patch, xs.astype(np.float64), ys.astype(np.float64)
+    x1, y1 = max(x1, x0), max(y1, y0)
+    patch = np.maximum(response[y0:y1, x0:x1].astype(np.float64), 0.0)
+    return patch, np.arange(x0, x1, dtype=np.float64), np.arange(y0, y1, dtype=np.float64)
 
 
 def sigmoid(z: float) -> float:
@@ -96,8 +95,9 @@ def mean_shift(patch: np.ndarray, xs: np.ndarray, ys: np.ndarray, x: float, y: f
     """Eq. 9: the mean-shift vector v = sum_y omega_y y - x, with
     omega_y proportional to pi_y exp(-|x - y|^2 / (2 rho_i)). The Gaussian is separable.
     An empty patch (or a kernel that underflows) gives v = 0."""
-    gx = np.exp(-((xs - x) ** 2) / (2.0 * rho_i))
-    gy = np.exp(-((ys - y) ** 2) / (2.0 * rho_i))
+    with np.errstate(over="ignore", under="ignore"):  # a tiny rho_i: the kernel underflows to 0
+        gx = np.exp(-((xs - x) ** 2) / (2.0 * rho_i))
+        gy = np.exp(-((ys - y) ** 2) / (2.0 * rho_i))
     omega = patch * gy[:, None] * gx[None, :]
     Z = float(omega.sum())
     if not Z > 0.0:
@@ -144,8 +144,10 @@ def upsample(maps: np.ndarray, factor: int) -> np.ndarray:
     """Bilinear x factor of (B, n, H, W) maps, exactly as the FCN's UpsampleNet."""
     B, n, H, W = maps.shape
     Uy, Ux = upsample_matrix(H, factor), upsample_matrix(W, factor)
-    out = np.einsum("oh,bnhw,pw->bnop", Uy, maps.astype(np.float64), Ux, optimize=True)
-    return out.astype(maps.dtype, copy=False)
+    out = np.empty((B, n, H * factor, W * factor), dtype=maps.dtype)
+    for f in range(B):  # one face at a time: float64 scratch of one face, not of the batch
+        out[f] = np.einsum("oh,nhw,pw->nop", Uy, maps[f].astype(np.float64), Ux, optimize=True)
+    return out
 
 
 # ------------------------------------------------------------------ the backend interface
@@ -165,6 +167,11 @@ class ReferenceOps:
     def dims(self, maps):
         """(B, n, H, W) of the maps as fitted (after upsampling)."""
         return tuple(maps.shape)
+
+    def faces(self, maps, start, stop):
+        """The prepared maps of faces start..stop-1 (a view, never a copy): lets ``fit`` compute
+        only the faces that early stop has not frozen."""
+        return maps[start:stop]
 
     def argmax(self, maps):
         return estimate_peaks(maps)
