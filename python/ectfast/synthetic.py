@@ -1,10 +1,13 @@
 """Synthetic response maps for tests and benchmarks.
 
-Maps are Gaussian peaks with the FCN training target's scale (DESIGN.md: peak 16/(sigma sqrt(2 pi)),
-sigma = 6 px at 256), centred at given shapes, with controllable corruption:
+Maps are Gaussian peaks with the FCN training targets' scale (DESIGN.md: peak 16/(sigma sqrt(2 pi)),
+sigma = 6 px at 256, so peak 1.064), centred at given shapes. At other sizes the maps are what the
+network is trained to output there (``ectfast.data.make_targets``): sigma scales with the size
+(1.5 px at 64) and the peak stays the 256 target's 1.064 at every size. Controllable corruption:
 
 * ``outlier_fraction``: landmarks whose peak is moved to a false position at least
-  ``outlier_distance`` px away (the "wrong peak" failure of a data-driven detector);
+  ``outlier_distance`` px away (default 60 px at 256, scaled with the size; the "wrong peak"
+  failure of a data-driven detector);
 * ``occluded_fraction``: landmarks whose map is all zero (occluded / no response);
 * ``noise``: standard deviation of additive Gaussian noise on every map.
 """
@@ -24,15 +27,17 @@ def peak_scale(sigma: float) -> float:
 
 
 def gaussian_maps(centres: np.ndarray, height: int, width: int, sigma: float,
-                  dtype=np.float32) -> np.ndarray:
-    """(B, n, H, W) maps with one Gaussian peak of the target scale at each (x, y) centre."""
+                  dtype=np.float32, peak: Optional[float] = None) -> np.ndarray:
+    """(B, n, H, W) maps with one Gaussian peak at each (x, y) centre: of height ``peak``
+    (default ``peak_scale(sigma)``, the target scale of a map drawn with this sigma)."""
+    peak = peak_scale(sigma) if peak is None else float(peak)
     c = np.asarray(centres, dtype=np.float64)
     xs = np.arange(width, dtype=np.float64)
     ys = np.arange(height, dtype=np.float64)
     gx = np.exp(-((xs - c[..., 0:1]) ** 2) / (2 * sigma**2))  # (B, n, W)
     gy = np.exp(-((ys - c[..., 1:2]) ** 2) / (2 * sigma**2))  # (B, n, H)
     out = np.empty(c.shape[:-1] + (height, width), dtype=dtype)
-    np.multiply(gy[..., :, None] * peak_scale(sigma), gx[..., None, :], out=out, casting="same_kind")
+    np.multiply(gy[..., :, None] * peak, gx[..., None, :], out=out, casting="same_kind")
     return out
 
 
@@ -46,15 +51,22 @@ class SyntheticBatch:
 
 
 def make_maps(shapes: np.ndarray, *, size: int = 256, sigma: Optional[float] = None,
-              outlier_fraction: float = 0.0, outlier_distance: float = 60.0,
+              outlier_fraction: float = 0.0, outlier_distance: Optional[float] = None,
               occluded_fraction: float = 0.0, noise: float = 0.0, dtype=np.float32,
               seed=None) -> SyntheticBatch:
-    """Response maps of ``size`` x ``size`` for shapes (B, n, 2) given in that map's pixels."""
+    """Response maps of ``size`` x ``size`` for shapes (B, n, 2) given in that map's pixels.
+
+    sigma: the peaks' width (default 6 px scaled to the size); the peak height is that of the
+    256 target of the same width in the 256 frame, ``peak_scale(sigma * 256 / size)``: 1.064
+    at every size with the default sigma, as the network's training targets."""
     rng = np.random.default_rng(seed)
     shapes = np.asarray(shapes, dtype=np.float64)
     if shapes.ndim != 3 or shapes.shape[-1] != 2:
         raise ValueError(f"shapes: expected (B, n, 2), got {shapes.shape}")
     sigma = TARGET_SIGMA_256 * size / 256.0 if sigma is None else float(sigma)
+    peak = peak_scale(sigma * 256.0 / size)
+    if outlier_distance is None:
+        outlier_distance = 60.0 * size / 256.0
     B, n, _ = shapes.shape
     peaks = shapes.copy()
     outliers = np.zeros((B, n), bool)
@@ -71,7 +83,7 @@ def make_maps(shapes: np.ndarray, *, size: int = 256, sigma: Optional[float] = N
                 if np.linalg.norm(cand - shapes[f, i]) >= outlier_distance:
                     break
             peaks[f, i] = cand
-    maps = gaussian_maps(peaks, size, size, sigma, dtype=dtype)
+    maps = gaussian_maps(peaks, size, size, sigma, dtype=dtype, peak=peak)
     if noise > 0:
         maps += rng.normal(0.0, noise, maps.shape).astype(dtype)
     maps[occluded] = 0
