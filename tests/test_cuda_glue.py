@@ -1,10 +1,17 @@
-"""The cuda backend's Python side (``ectfast._cuda``) on any machine.
+"""The cuda backend's Python side (``ectfast._cuda``) on any machine: plumbing only.
 
-The compiled CUDA entry points are replaced by an emulation built from the NumPy reference that
-checks every descriptor it receives (dtype, shape) against what the C++ bindings demand, and the
-device arrays by NumPy arrays behind integer "pointers". ``ectfast.fit`` routed through
-``CudaOps`` (and ``fit_fused``) must then reproduce the reference exactly: this catches argument
-order, shape and dtype mistakes in the glue, the flag check and the solver switch, without a GPU.
+The compiled CUDA entry points are replaced by a fake core and the device arrays by NumPy arrays
+behind integer "pointers". The fake checks every descriptor it receives (dtype, shape) against
+what the C++ bindings demand. This file tests the glue, not the kernels' arithmetic:
+
+* ``ectfast.fit`` routed through ``CudaOps``: each binding is computed by the matching op of the
+  NumPy reference, so the fit must reproduce the reference exactly. That checks which arrays and
+  scalars reach which binding (argument order, shapes, dtypes), the flag check, the solver switch
+  and fit's loop on device arrays. It cannot find an arithmetic error in a kernel.
+* ``fit_fused``: the fake ``cuda_fit`` records the arguments it is given (checked against what
+  ``fit`` would use) and writes distinct sentinel values to each output; the result must carry
+  each sentinel to the right field.
+
 The kernels themselves are tested against the reference in test_cuda.py (GPU only).
 """
 import itertools
@@ -150,23 +157,34 @@ class _FakeCore:
 
     def cuda_fit(self, maps, factor, basis, mean, prior_inv, method, sizes, r0, a, b, gamma, rho,
                  rho_tilde, tol, eps, x0, peaks, initial, landmarks, params, w_final, flags, stream):
+        """Plumbing only: record the scalars, check the arrays, write sentinels to the outputs."""
         self.calls.append("fit")
         m = self._arr(maps, ("float32", "float16", "float64"), (-1, self.pdm.n_landmarks, -1, -1))
-        name = ectfast.METHODS[method]
-        assert rho_tilde == self.pdm.noise_variance and eps == sys.modules["ectfast.fit"].SIMILARITY_EPS
-        res = ectfast.fit(m, self.pdm, method=name, iterations=len(sizes), patch_sizes=sizes or (2,),
-                          correction_patch_size=r0, a=a, b=b, gamma=gamma, rho=rho,
-                          early_stop=tol if tol > 0 else None, upsample=factor, backend="reference")
-        pts = m.shape[:2] + (2,)
-        for d, v in ((peaks, res.peaks), (initial, res.initial), (landmarks, res.landmarks)):
+        B, n, H, W = m.shape[0], m.shape[1], m.shape[2] * factor, m.shape[3] * factor
+        k = self.pdm.n_params
+        np.testing.assert_array_equal(self._arr(basis, ("float64",), (2 * n, k)), self.pdm.basis)
+        np.testing.assert_array_equal(self._arr(mean, ("float64",), (2 * n,)), self.pdm.mean.reshape(-1))
+        np.testing.assert_array_equal(self._arr(prior_inv, ("float64",), (k,)), self.pdm.prior_inverse)
+        np.testing.assert_array_equal(self._arr(x0, ("float64",), (B, k)), self.ref.prior_params(self.pdm, B, H, W))
+        if not np.isfinite(m).all():  # the fused argmax flags non-finite maps, read back by visible()
+            self._arr(flags, ("int32",), (2,))[0] = 1
+        self.fit_args = dict(factor=factor, method=method, sizes=list(sizes), r0=r0, a=a, b=b, gamma=gamma,
+                             rho=rho, rho_tilde=rho_tilde, tol=tol, eps=eps)
+        pts = (B, n, 2)
+        self.sentinels = {}
+        for i, (name, d) in enumerate((("peaks", peaks), ("initial", initial), ("landmarks", landmarks))):
+            v = 1000.0 * (i + 1) + np.arange(B * n * 2, dtype=np.float64).reshape(pts)
             self._arr(d, ("float64",), pts)[...] = v
-        if name == "crm":
-            assert params is None
+            self.sentinels[name] = v
+        if params is None:
+            self.sentinels["params"] = None
         else:
-            self._arr(params, ("float64",), (m.shape[0], self.pdm.n_params))[...] = res.params
-        r_final = sizes[-1] if (sizes and name not in ("crm", "crm-pdm")) else r0
-        up = self._maps(maps, factor)
-        self._arr(w_final, ("float64",), pts)[...] = self.ref.weights(up, res.landmarks, r_final, a, b)
+            v = -np.arange(B * k, dtype=np.float64).reshape(B, k)
+            self._arr(params, ("float64",), (B, k))[...] = v
+            self.sentinels["params"] = v
+        v = (np.arange(B * n * 2, dtype=np.float64).reshape(pts) % 7) / 6.0
+        self._arr(w_final, ("float64",), pts)[...] = v
+        self.sentinels["w_final"] = v
 
 
 @pytest.fixture
@@ -185,24 +203,103 @@ def emulated(monkeypatch, pdm):
 
 
 @pytest.mark.parametrize("method", ectfast.METHODS)
-def test_cuda_glue_reproduces_reference(emulated, pdm, method):
+def test_cuda_ops_glue_reproduces_reference(emulated, pdm, method):
     maps = make_maps(random_pdm_shapes(pdm, 2, size=48, seed=0), size=48, outlier_fraction=0.1, seed=1).maps
     cases = (({}, maps), ({"early_stop": 0.05, "iterations": 6, "patch_sizes": (9, 5)}, maps),
              ({"upsample": 2}, np.ascontiguousarray(maps[:, :, ::2, ::2])),
              ({}, np.ascontiguousarray(maps[:, :, 6:39, :])))  # 33 x 48: height != width
     for kw, m in cases:
         want = ectfast.fit(m, pdm, method=method, backend="reference", **kw)
-        for got in (ectfast.fit(m, pdm, method=method, **kw), _cuda.fit_fused(m, pdm, method=method, **kw)):
-            assert got.backend == "cuda" and got.method == method
-            for name in ("peaks", "initial", "landmarks", "confidence", "visible"):
-                np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
-            if method == "crm":
-                assert got.params is None
-            else:
-                np.testing.assert_array_equal(got.params, want.params)
-    assert "fit" in emulated.calls
+        got = ectfast.fit(m, pdm, method=method, **kw)
+        assert got.backend == "cuda" and got.method == method
+        for name in ("peaks", "initial", "landmarks", "confidence", "visible"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+        if method == "crm":
+            assert got.params is None
+        else:
+            np.testing.assert_array_equal(got.params, want.params)
+    assert "fit" not in emulated.calls
     if method in ("crm-clm", "crm-clm-c", "ect"):
         assert "freeze" in emulated.calls  # the early-stop run went through ops.freeze
+
+
+@pytest.mark.parametrize("method", ectfast.METHODS)
+@pytest.mark.parametrize("kw", [
+    {},
+    {"early_stop": 0.05, "iterations": 7, "patch_sizes": (9, 5), "correction_patch_size": 11, "a": 0.3,
+     "b": 20.0, "gamma": 5.0, "rho": 9.0, "visibility_threshold": 0.4},
+    {"upsample": 2, "iterations": 0},
+])
+def test_fit_fused_plumbing(emulated, pdm, method, kw):
+    from ectfast.fit import DEFAULT_PATCH_SIZES, SIMILARITY_EPS, schedule
+
+    maps = make_maps(random_pdm_shapes(pdm, 3, size=40, seed=0), size=40, seed=1).maps[:, :, :, :36]
+    maps = np.ascontiguousarray(maps[:, :, ::2, ::2]) if kw.get("upsample") else np.ascontiguousarray(maps)
+    got = _cuda.fit_fused(maps, pdm, method=method, **kw)
+    args = emulated.fit_args
+    assert args == dict(factor=kw.get("upsample", 1), method=ectfast.METHODS.index(method),
+                        sizes=list(schedule(kw.get("iterations", 5), kw.get("patch_sizes", DEFAULT_PATCH_SIZES))),
+                        r0=kw.get("correction_patch_size", 30), a=kw.get("a", 0.25), b=kw.get("b", 25.0),
+                        gamma=kw.get("gamma", 20.0), rho=kw.get("rho", 20.0), rho_tilde=pdm.noise_variance,
+                        tol=kw.get("early_stop", 0.0), eps=SIMILARITY_EPS)
+    sent = emulated.sentinels
+    assert got.backend == "cuda" and got.method == method
+    for name in ("peaks", "initial", "landmarks"):
+        np.testing.assert_array_equal(getattr(got, name), sent[name], err_msg=name)
+    if method == "crm":
+        assert got.params is None and sent["params"] is None
+    else:
+        np.testing.assert_array_equal(got.params, sent["params"])
+    np.testing.assert_array_equal(got.confidence, sent["w_final"].mean(-1))
+    np.testing.assert_array_equal(got.visible, sent["w_final"].mean(-1) >= kw.get("visibility_threshold", 0.5))
+    assert 0 < got.visible.sum() < got.visible.size
+
+
+def test_fit_fused_shares_fits_argument_domains(emulated, pdm):
+    maps = np.zeros((1, 68, 8, 8), np.float32)
+    for kw, msg in ((dict(iterations=10**9), "^iterations: expected an integer in \\[0, 1000\\]"),
+                    (dict(patch_sizes=(4000,)), "^patch_sizes: expected an integer in \\[2, 1024\\]"),
+                    (dict(correction_patch_size=4000), "^correction_patch_size: expected an integer in"),
+                    (dict(upsample=32), "^upsample: expected an integer in \\[1, 16\\]"),
+                    (dict(a=float("nan")), "^a: expected a finite number")):
+        with pytest.raises(ValueError, match=msg):
+            _cuda.fit_fused(maps, pdm, **kw)
+    assert "fit" not in emulated.calls
+
+
+class _NoDeviceCore:
+    cuda_built = True
+
+    @staticmethod
+    def cuda_device_count():
+        return 0
+
+
+def test_cuda_built_without_a_device_says_so(monkeypatch, pdm):
+    """It used to say "'cuda' is not available here (built: ['reference', 'cpu'])"."""
+    from ectfast import _dispatch
+
+    monkeypatch.setattr(_dispatch, "_core", lambda: _NoDeviceCore)
+    monkeypatch.setattr(_cuda, "_core", lambda: _NoDeviceCore)
+    assert _dispatch.backends() == ["reference", "cpu"]
+    msg = r"^backend: 'cuda' was built into this ectfast, but no CUDA device is visible"
+    with pytest.raises(ValueError, match=msg):
+        ectfast.fit(np.zeros((1, 68, 8, 8), np.float32), pdm, backend="cuda")
+    with pytest.raises(ValueError, match=msg):
+        _cuda.CudaOps()
+    with pytest.raises(ValueError, match=msg):
+        _cuda.fit_fused(np.zeros((1, 68, 8, 8), np.float32), pdm)
+
+
+def test_cuda_not_built_says_so(monkeypatch, pdm):
+    from ectfast import _dispatch
+
+    class NoCuda:
+        cuda_built = False
+
+    monkeypatch.setattr(_dispatch, "_core", lambda: NoCuda)
+    with pytest.raises(ValueError, match=r"^backend: 'cuda' is not available here \(usable: \['reference', 'cpu'\]\)$"):
+        ectfast.fit(np.zeros((1, 68, 8, 8), np.float32), pdm, backend="cuda")
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the emulation sees the inf values

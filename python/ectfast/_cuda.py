@@ -222,7 +222,8 @@ class CudaOps:
         self.solver = solver
         self.core = _core()
         if self.core.cuda_device_count() < 1:
-            raise ValueError("backend: 'cuda' needs a CUDA device, and none is usable here")
+            raise ValueError("backend: 'cuda' was built into this ectfast, but no CUDA device is "
+                             "visible (check the driver, nvidia-smi and CUDA_VISIBLE_DEVICES)")
         self._fw = None
         self._stream = 0
         self._flags = None

@@ -6,12 +6,24 @@ from typing import List, Optional
 from ._reference import ReferenceOps
 
 
+_CORE_ERROR: Optional[str] = None
+
+
 def _core():
+    """The compiled extension, or None when it is not built or does not load (the reason is
+    kept: :func:`core_error`)."""
+    global _CORE_ERROR
     try:
         from . import _core  # the compiled extension
-    except ImportError:
+    except ImportError as e:
+        _CORE_ERROR = f"{type(e).__name__}: {e}"
         return None
     return _core
+
+
+def core_error() -> Optional[str]:
+    """Why the compiled extension (the cpu and cuda backends) is not usable; None when it is."""
+    return None if _core() is not None else _CORE_ERROR
 
 
 def cuda_available() -> bool:
@@ -41,7 +53,13 @@ def get_ops(name: str = "auto", *, on_device: bool = False, num_threads: Optiona
         raise ValueError(f"backend: the response maps are on a CUDA device; backend {name!r} "
                          "needs host arrays (move them with .cpu() or use backend='cuda')")
     if name not in available:
-        raise ValueError(f"backend: {name!r} is not available here (built: {available})")
+        core = _core()
+        if name == "cuda" and core is not None and getattr(core, "cuda_built", False):
+            raise ValueError("backend: 'cuda' was built into this ectfast, but no CUDA device is "
+                             "visible (check the driver, nvidia-smi and CUDA_VISIBLE_DEVICES); "
+                             f"usable here: {available}")
+        why = f"; the compiled core did not load ({core_error()})" if core is None else ""
+        raise ValueError(f"backend: {name!r} is not available here (usable: {available}){why}")
     if name == "reference":
         return ReferenceOps()
     if name == "cpu":
