@@ -207,6 +207,11 @@ def test_early_stop_on_device_arrays_ends_the_loop(pdm, face):
     pytest.param(dict(a=10**400), r"^a: expected a finite number", id="a-16"),
     pytest.param(dict(rho=-(10**400)), r"^rho: expected a finite number", id="rho-17"),
     pytest.param(dict(method=["ect"]), r"^method: expected one of", id="method-18"),
+    # gamma = 0 with no confident landmark: the reference raised numpy's LinAlgError, cpu returned
+    # zeros for the undetermined parameters, cuda said "not positive definite"
+    pytest.param(dict(gamma=0.0), r"^gamma: expected a finite number >= 1e-06 .*not positive definite",
+                 id="gamma-19"),
+    pytest.param(dict(gamma=1e-300), r"^gamma: expected a finite number >= 1e-06", id="gamma-20"),
 ])
 def test_one_domain_for_every_backend(pdm, backend, kwargs, msg):
     """The reference used to accept upsample=18 (and allocate 41.5 GiB for upsample=100) where

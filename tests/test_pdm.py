@@ -88,6 +88,8 @@ def _fields(pdm):
     (dict(version=np.array("1")), "malformed PDM version"),
     (dict(eigenvalues=np.full(30, np.nan)), "PDM eigenvalues: non-finite"),
     (dict(eigenvalues=-np.ones(30)), "PDM eigenvalues: must all be positive"),
+    (dict(eigenvalues=np.full(30, 1e-320)), r"PDM eigenvalues: expected values in \[1e-12, 1e\+12\]"),
+    (dict(noise_variance=np.array(1e300)), r"PDM noise_variance: expected a value in \[1e-12, 1e\+12\]"),
     # ascending eigenvalues silently changed the prior (they used to load)
     (dict(eigenvalues=np.sort(default_pdm().eigenvalues)), r"PDM eigenvalues: must be in descending order"),
 ])

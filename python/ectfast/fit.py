@@ -54,6 +54,16 @@ INT_DOMAINS = {
     "num_threads": (1, MAX_THREADS, "cpu worker threads"),
 }
 
+#: Lower bounds of real arguments beyond "finite" (and > 0 / >= 0). gamma = 0 leaves the
+#: Correction system singular (not positive definite) for a face with no confident landmark:
+#: cuda reported it, cpu returned zeros for the undetermined parameters and the reference raised
+#: numpy's LinAlgError; a smaller gamma underflows to 0 against the prior's 1 / lambda.
+MIN_GAMMA = 1e-6
+REAL_MINIMUM = {
+    "gamma": (MIN_GAMMA, "gamma = 0 leaves the Correction system not positive definite where no "
+                         "landmark is confident; the paper uses 20"),
+}
+
 #: The maps' size (as fitted) the defaults of patch_sizes, correction_patch_size, rho, a and b
 #: (and the PDM's prior, in pixels of faces of that size) are the paper's for.
 FRAME = 256
@@ -176,6 +186,11 @@ def _real(name, v, *, positive=False, nonneg=False):
         f = float("nan")
     if not np.isfinite(f):
         raise ValueError(f"{name}: expected a finite number, got {v!r}")
+    if name in REAL_MINIMUM:
+        lo, why = REAL_MINIMUM[name]
+        if not f >= lo:
+            raise ValueError(f"{name}: expected a finite number >= {lo:g} ({why}), got {v!r}")
+        return f
     if positive and not f > 0:
         raise ValueError(f"{name}: must be > 0, got {v!r}")
     if nonneg and f < 0:
@@ -245,7 +260,7 @@ def fit(response_maps, pdm: Optional[PDM] = None, *, method: str = "ect", iterat
     iterations, patch_sizes: tuning iterations (0 to 1000) and the patch size r_k of each (2 to
         1024 pixels of the maps as fitted, i.e. after upsampling); correction_patch_size: r of
         the Correction step (2 to 1024).
-    a, b: the confidence sigmoid (Eq. 15). gamma: Correction's regularisation (Eq. 14).
+    a, b: the confidence sigmoid (Eq. 15). gamma: Correction's regularisation (Eq. 14), >= 1e-6.
     rho: the mean-shift kernel variance (Eq. 9). early_stop: per-face stop once |Delta s| < it
         (on the cpu and reference backends the stopped faces cost nothing more and the loop ends
         when every face has stopped).
@@ -272,7 +287,7 @@ def fit(response_maps, pdm: Optional[PDM] = None, *, method: str = "ect", iterat
     r0 = check_int("correction_patch_size", correction_patch_size)
     a = _real("a", a, positive=True)
     b = _real("b", b)
-    gamma = _real("gamma", gamma, nonneg=True)
+    gamma = _real("gamma", gamma)
     rho = _real("rho", rho, positive=True)
     tol = None if early_stop is None else _real("early_stop", early_stop, positive=True)
     tau = _real("visibility_threshold", visibility_threshold)

@@ -257,6 +257,11 @@ class PDM:
             raise ValueError(f"{path}: {e}") from None
 
 
+#: The range of the eigenvalues and the noise variance (variances in pixels^2 of the reference
+#: frame; the shipped model's eigenvalues are 6.9 to 2,900, its noise variance 1.1): outside it 1 / lambda or the solves over- or
+#: underflow.
+VALUE_RANGE = (1e-12, 1e12)
+
 #: The largest PDM file :meth:`PDM.load` unpacks (the shipped 68-point model is ~150 kB).
 MAX_FILE_BYTES = 64 * 1024 * 1024
 
@@ -321,6 +326,10 @@ def validate_arrays(mean, basis, eigenvalues, noise_variance) -> None:
         raise ValueError(f"PDM basis: expected ({2 * n}, {N_SIMILARITY + m}) for {n} points, got {basis.shape}")
     if not (eigenvalues > 0).all():
         raise ValueError("PDM eigenvalues: must all be positive")
+    if not ((eigenvalues >= VALUE_RANGE[0]) & (eigenvalues <= VALUE_RANGE[1])).all():
+        raise ValueError(f"PDM eigenvalues: expected values in [{VALUE_RANGE[0]:g}, {VALUE_RANGE[1]:g}] "
+                         f"(pixels^2 of the 200-pixel reference frame), got [{eigenvalues.min()!r}, "
+                         f"{eigenvalues.max()!r}]")
     rise = np.flatnonzero(np.diff(eigenvalues) > 0)
     if rise.size:
         k = int(rise[0])
@@ -328,6 +337,9 @@ def validate_arrays(mean, basis, eigenvalues, noise_variance) -> None:
                          f"got {eigenvalues[k]!r} then {eigenvalues[k + 1]!r} at positions {k + 1}, {k + 2}")
     if not (np.isfinite(noise_variance) and noise_variance > 0):
         raise ValueError(f"PDM noise_variance: must be a positive number, got {noise_variance!r}")
+    if not VALUE_RANGE[0] <= noise_variance <= VALUE_RANGE[1]:
+        raise ValueError(f"PDM noise_variance: expected a value in [{VALUE_RANGE[0]:g}, {VALUE_RANGE[1]:g}], "
+                         f"got {noise_variance!r}")
     gram = basis.T @ basis
     if not np.allclose(gram, np.eye(gram.shape[0]), atol=1e-6):
         raise ValueError("PDM basis: columns are not orthonormal")
