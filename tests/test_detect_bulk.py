@@ -362,3 +362,19 @@ def test_output_folder_inside_the_input_folder_is_not_searched(tmp_path, fake, c
         assert cli.main(["detect", str(root), "--out", str(root / "out"), "--no-progress"]) == 0
     err = capfd.readouterr().err
     assert "1 skipped as already done" in err and "a_landmarks" not in err
+
+
+def test_exif_orientation_gives_the_decoded_size(tmp_path):
+    """A JPEG stored 64x32 with EXIF orientation 6 decodes turned (32x64): the reported size
+    is the decoded one, so that landmarks and width/height agree."""
+    img = np.zeros((32, 64, 3), np.uint8)
+    img[:, :8] = 255
+    jpg = _jpg(img)
+    tiff = (b"MM\x00*" + struct.pack(">I", 8) + struct.pack(">H", 1)
+            + struct.pack(">HHIHH", 0x0112, 3, 1, 6, 0) + struct.pack(">I", 0))
+    app1 = b"Exif\x00\x00" + tiff
+    p = tmp_path / "turned.jpg"
+    p.write_bytes(jpg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + jpg[2:])
+    assert D.image_header(p.read_bytes())[1:] == (64, 32)
+    r = D.read_image(p)
+    assert r.image.shape[:2] == (64, 32) and (r.width, r.height, r.scale) == (32, 64, 1.0)

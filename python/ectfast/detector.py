@@ -335,6 +335,10 @@ def read_image(path, max_pixels: int = MAX_PIXELS) -> LoadedImage:
         raise ImageError(f"{p}: corrupt JPEG data (libjpeg: {said[:160]})")
     if img.ndim == 2:
         img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    if factor == 1:
+        w, h = img.shape[1], img.shape[0]  # as decoded (EXIF orientation applied)
+    elif w != h and (img.shape[1] > img.shape[0]) != (w > h):
+        w, h = h, w  # the decoder turned the image by its EXIF orientation
     scale = img.shape[1] / w if factor > 1 else 1.0
     return LoadedImage(np.ascontiguousarray(img), scale, int(w), int(h), fmt)
 
