@@ -215,6 +215,11 @@ def test_detect_without_torch(net_files, tmp_path):
             assert "ectfast[torch]" in str(e)
         else:
             raise AssertionError("no ImportError")
+        import contextlib, io
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            rc = cli.main(["export-onnx", "--out", "x.onnx"])
+        assert rc == 2 and "needs torch, which is not installed: pip install 'ectfast[torch]'" in err.getvalue(), err.getvalue()
         print("OK", [m for m in sys.modules if m == "torch" or m.startswith("torch.")])
     """)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

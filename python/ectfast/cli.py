@@ -29,7 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             mod = importlib.import_module(module)
         except ImportError as e:  # a module not written yet, or a missing optional dependency
-            p.set_defaults(_import_error=str(e))
+            missing = (getattr(e, "name", None) or "").split(".")[0]
+            msg = str(e)
+            if missing in ("torch", "onnx"):
+                msg = f"needs {missing}, which is not installed: pip install 'ectfast[torch]'"
+            p.set_defaults(_import_error=msg)
             continue
         mod.add_arguments(p)
     return parser
@@ -43,14 +47,16 @@ def _version() -> str:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
     err = getattr(args, "_import_error", None)
-    if err:
+    if err:  # its options are unknown here: say why the command is unavailable instead
         print(f"ectfast {args.command}: unavailable ({err})", file=sys.stderr)
         return 2
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return int(importlib.import_module(args._module).run(args) or 0)
 
 
