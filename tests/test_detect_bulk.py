@@ -27,6 +27,7 @@ class ConstEstimator:
     its crop) for every crop: the fit then returns that face, mapped back to each image."""
 
     engine = "fake"
+    input_size = 128  # as the lite network: the pipeline averages the 256 crops down to it
 
     def __init__(self, template):
         side = 1.3 * np.ptp(template, axis=0).max()
@@ -39,6 +40,7 @@ class ConstEstimator:
         self.fail_on_call = None
 
     def __call__(self, crops):
+        assert crops.shape[1:] == (3, 128, 128) and crops.dtype == np.float32
         self.calls += 1
         self.faces += len(crops)
         if self.fail_on_call is not None and self.calls >= self.fail_on_call:
