@@ -1219,6 +1219,7 @@ class _Reporter:
 
     def __init__(self, total: int, progress: bool):
         self.err_stream = self._Locked(sys.stderr)
+        self.stdout_closed = False
         self.bar = None
         if progress and total > 1:
             from tqdm.auto import tqdm
@@ -1237,7 +1238,12 @@ class _Reporter:
         self._write(f"ectfast detect: {msg}", self.err_stream)
 
     def out(self, msg):
-        self._write(msg, sys.stdout)
+        if self.stdout_closed:
+            return
+        try:
+            self._write(msg, sys.stdout)
+        except BrokenPipeError:  # e.g. `ectfast detect ... | head`: the work goes on, unprinted
+            self.stdout_closed = True
 
     def step(self, n=1):
         if self.bar is not None:
