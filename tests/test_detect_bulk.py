@@ -3,7 +3,6 @@ results written as it goes, resume, Ctrl-C, one line per bad file, exit statuses
 output. A fast fake network and face detector stand in for the real ones (no weights needed)."""
 import json
 import os
-import resource
 import struct
 import subprocess
 import sys

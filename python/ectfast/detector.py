@@ -1440,9 +1440,8 @@ def run(args, *, estimator=None) -> int:
     example_written: List[str] = []
     results = det.detect_files([p for p, _ in todo], max_pixels=int(args.max_megapixels * 1e6),
                                workers=args.workers, keep_images=draw)
-    stems = dict(todo)
     try:
-        for r in results:
+        for (_, stem), r in zip(todo, results):  # results come in input order
             rep.step()
             if r.error is not None:
                 failed.append(r.path)
@@ -1451,7 +1450,6 @@ def run(args, *, estimator=None) -> int:
                     jsonl_fh.write(json.dumps({"image": r.path, "error": r.error}) + "\n")
                     jsonl_fh.flush()
                 continue
-            stem = stems[r.path]
             annotated = None
             if draw:
                 ext = os.path.splitext(r.path)[1].lower()
