@@ -172,6 +172,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="reading/face-search threads (default 2)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--face-detector", default="auto")
+    ap.add_argument("--no-align", action="store_true", help="crops not rotated by the eye line")
     ap.add_argument("--repeat", type=int, default=2, help="timed passes per engine; the best is kept (default 2)")
     ap.add_argument("--dlib-model", default=None,
                     help="dlib's shape_predictor_68_face_landmarks.dat: adds dlib (HOG + shape predictor) side by side")
@@ -208,11 +209,13 @@ def main(argv=None) -> int:
     print(f"ectfast {ectfast.__version__}, fit backends {ectfast.backends()}, torch {tv}, "
           f"onnxruntime {onnxruntime.__version__}, python {platform.python_version()}, {os.cpu_count()} CPUs")
     print(f"images: {len(paths)} from {', '.join(args.images)} ({sum(g is not None for g in gts)} annotated); "
-          f"weights {pt}; batch {args.batch_size}; engine threads {args.threads}; workers {args.workers}")
+          f"weights {pt}; batch {args.batch_size}; engine threads {args.threads}; workers {args.workers}; "
+          f"crops {'not ' if args.no_align else ''}levelled by the eye line")
     rows, results = [], {}
     for eng in args.engines:
         det = Detector(device="cpu", engine=eng, weights=pt if eng == "torch" else onnx_path,
-                       face_detector=args.face_detector, batch_size=args.batch_size, threads=args.threads)
+                       face_detector=args.face_detector, batch_size=args.batch_size, threads=args.threads,
+                       align=not args.no_align)
         dt, faces, lms, failed = run_ectfast(det, paths, args.repeat, args.workers)
         per_img, per_face, k = stage_breakdown(det, paths)
         mean, med, found, total = score(lms, gts)
