@@ -287,7 +287,11 @@ def pdm_files(draw):
         elif change == "rows" and v.ndim:
             fields[name] = v[: max(0, v.shape[0] - draw(st.integers(1, 3)))]
         elif change == "dtype":
-            fields[name] = v.astype(draw(st.sampled_from([np.float32, np.int64, np.complex128, bool, "U3"])))
+            dtype = draw(st.sampled_from([np.float32, np.int64, np.complex128, bool, "U3"]))
+            try:
+                fields[name] = v.astype(dtype)
+            except ValueError:  # e.g. the format string as a number
+                fields[name] = np.zeros(v.shape, dtype)
         elif change == "object":
             fields[name] = np.array([object()], dtype=object)
         elif change == "nan" and v.dtype.kind == "f" and v.size:
