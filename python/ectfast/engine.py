@@ -169,6 +169,8 @@ def _session(ort, path, providers, threads):
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
     so.log_severity_level = 3  # errors only
+    # no busy-waiting between runs: the pipeline's reading/face-search threads share the cores
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(path, so, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types for a bad file
