@@ -248,6 +248,14 @@ def test_fit_fuzz_valid_arguments_each_backend(backend, maps, seed):
     _check_fit(maps, kwargs)
 
 
+@pytest.mark.fuzz_long
+@pytest.mark.parametrize("backend", BACKENDS)
+@_settings(LONG)
+@given(maps=valid_maps(), seed=st.integers(0, 2**16))
+def test_fit_fuzz_valid_arguments_each_backend_long(backend, maps, seed):
+    test_fit_fuzz_valid_arguments_each_backend.hypothesis.inner_test(backend, maps, seed)
+
+
 # ------------------------------------------------------------------ PDM.load
 
 with open(ectfast.pdm.DEFAULT_PDM_PATH, "rb") as _f:
