@@ -246,4 +246,4 @@ def test_shipped_network_on_lfpw_test(data_dir):
     assert nme["ect"] < nme["crm"], nme
 
 
-LFPW_ECT_BOUND = 0.05  # replaced by the measured value + margin once the weights ship
+LFPW_ECT_BOUND = 0.0375  # measured 3.60% with the shipped weights (bench/RESULTS.md, "Lite network")
