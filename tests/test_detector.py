@@ -387,3 +387,22 @@ def test_photographs_with_the_shipped_network(data_dir, name):
     assert metrics.nme(f.landmarks, gt)[0] < PHOTO_NME_BOUND[name]
     if name in ("breakingbad.jpg", "einstein.jpg"):
         assert len(faces) >= 2  # both people
+
+
+def test_visibility_threshold_defaults_to_the_networks(scene, ect_data):
+    """tau: the Detector's when given, else the one stored with the network (its fit options)."""
+    T, imgs, gts = scene
+    box = _box(ect_data, gts[0])
+    est = FiducialEstimator(T, occluded=range(0, 17))  # jaw maps all zero: confidence 0 there
+    est.fit_options = {"visibility_threshold": 0.99}
+    det = ectfast.Detector(estimator=est)
+    assert det.visibility_threshold == 0.99
+    (f,) = det.detect(imgs[0], boxes=box)
+    np.testing.assert_array_equal(f.visible, f.confidence >= 0.99)
+    own = ectfast.Detector(estimator=est, visibility_threshold=0.3)
+    assert own.visibility_threshold == 0.3
+    (g,) = own.detect(imgs[0], boxes=box)
+    np.testing.assert_array_equal(g.visible, g.confidence >= 0.3)
+    assert not g.visible[:17].any() and g.visible[17:].all()
+    plain = FiducialEstimator(T)
+    assert ectfast.Detector(estimator=plain).visibility_threshold == 0.5

@@ -779,13 +779,14 @@ class Detector:
     align: rotate each crop by the detector's eye line (``ectfast.faces.crop_angle``).
     method: the ectfast.fit method ("ect", or an ablation variant). batch_size: faces per network
         and fit batch (faces of all images of a detect() call are batched together).
-    visibility_threshold: tau in [0, 1]; fit_options: more keyword arguments for ectfast.fit.
+    visibility_threshold: tau in [0, 1] (None: the network's own, ``meta["fit"]["visibility_threshold"]``
+        in its weights, else ectfast.fit's 0.5); fit_options: more keyword arguments for ectfast.fit.
     threads: the engine's CPU threads (None: its default).
     """
 
     def __init__(self, device: str = "auto", backend: str = "auto", weights=None, estimator=None,
                  face_detector="auto", *, engine: str = "auto", align: bool = True, method: str = "ect",
-                 pdm=None, batch_size: int = 16, visibility_threshold: float = 0.5,
+                 pdm=None, batch_size: int = 16, visibility_threshold: Optional[float] = None,
                  fit_options: Optional[dict] = None, threads: Optional[int] = None):
         from . import _dispatch
         from .pdm import PDM, default_pdm
@@ -794,7 +795,7 @@ class Detector:
             raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
             raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
-        tau = _check_unit(visibility_threshold, "visibility_threshold")
+        tau = None if visibility_threshold is None else _check_unit(visibility_threshold, "visibility_threshold")
         if engine not in E.ENGINES:
             raise ValueError(f"engine: expected one of {E.ENGINES}, got {engine!r}")
         E.check_device(device)
@@ -824,10 +825,19 @@ class Detector:
         self.batch_size = int(batch_size)
         self.pdm = pdm if pdm is not None else default_pdm()
         self.fit_options = dict(fit_options or {})
-        self.fit_options["visibility_threshold"] = tau
+        if tau is not None:
+            self.fit_options["visibility_threshold"] = tau
         self.estimator = estimator if estimator is not None else make_estimator(weights, device, engine, threads)
 
     # -- names for reports
+    @property
+    def visibility_threshold(self) -> float:
+        """The tau in effect: this Detector's, else the network's (its fit options), else 0.5."""
+        for opts in (self.fit_options, getattr(self.estimator, "fit_options", None) or {}):
+            if opts.get("visibility_threshold") is not None:
+                return float(opts["visibility_threshold"])
+        return 0.5
+
     @property
     def engine(self) -> str:
         return getattr(self.estimator, "engine", "custom")
@@ -1186,8 +1196,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=16, help="faces per network/fit batch (default: 16)")
     p.add_argument("--workers", type=_positive_int, default=2,
                    help="threads reading and searching images ahead of the network (default: 2)")
-    p.add_argument("--threshold", type=_unit_float, default=0.5,
-                   help="visibility threshold tau in [0, 1] on the landmark confidence (default: 0.5)")
+    p.add_argument("--threshold", type=_unit_float, default=None,
+                   help="visibility threshold tau in [0, 1] on the landmark confidence (default: the "
+                        "network's own, stored with its weights, else 0.5)")
     p.add_argument("--max-megapixels", type=_megapixels, default=MAX_PIXELS / 1e6,
                    help="largest image decoded in full; larger JPEGs are decoded at 1/2, 1/4 or 1/8, "
                         "other formats refused (default: %(default)g)")
@@ -1353,7 +1364,7 @@ def _record(det: Detector, r: ImageResult, annotated: Optional[str]) -> dict:
     if r.scale != 1.0:
         doc["decoded_scale"] = r.scale
     doc.update({"ectfast": __version__, "engine": det.engine, "face_detector": det.face_detector_name,
-                "method": det.method, "visibility_threshold": det.fit_options["visibility_threshold"],
+                "method": det.method, "visibility_threshold": det.visibility_threshold,
                 "faces": [f.to_dict() for f in r.original_faces()]})
     if r.note:
         doc["note"] = r.note
