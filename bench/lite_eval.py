@@ -126,10 +126,11 @@ def tune(args) -> int:
     pdm = ectfast.default_pdm()
     faces = holdout_faces(args.data)
     t = time.time()
-    sets = []
+    sets, covered = [], []
     for occ in (False, True):
-        crops, gt, _ = load(faces, occlude=occ, jitter=0.05, seed=11 + occ)
+        crops, gt, cov = load(faces, occlude=occ, jitter=0.05, seed=11 + occ)
         sets.append((estimate(est, crops), gt))
+        covered.append(cov)
     print(f"{len(faces)} held-out training faces, clean + occluded, maps in {time.time() - t:.0f} s", file=sys.stderr)
     base = {}
     for i, (maps, gt) in enumerate(sets):
@@ -151,6 +152,21 @@ def tune(args) -> int:
         print(f"| paper 0.25 | 25 | 20 | {100 * d[0][1]:.3f}% | {100 * d[0][2]:.3f}% | {100 * d[0][0]:.3f}% |")
     best = rows[0]
     chosen = {"a": best[3], "b": best[4], "rho": best[5]}
+    # the visibility threshold tau: best F1 of "not visible" against the covered landmarks over
+    # the clean and the occluded faces, with the chosen a, b, rho
+    conf = np.concatenate([np.asarray(ectfast.fit(maps, pdm, method="ect", upsample=256 // maps.shape[-1],
+                                                  **chosen).confidence).ravel() for maps, _ in sets])
+    cov = np.concatenate([c.ravel() for c in covered])
+    print("| tau | precision | recall | F1 |\n|---|---|---|---|")
+    f1s = []
+    for tau in np.round(np.arange(0.05, 0.61, 0.05), 2):
+        pred = conf < tau
+        tp = (pred & cov).sum()
+        p, r = tp / max(1, pred.sum()), tp / max(1, cov.sum())
+        f1 = 2 * p * r / max(1e-12, p + r)
+        f1s.append((f1, float(tau)))
+        print(f"| {tau} | {p:.3f} | {r:.3f} | {f1:.3f} |")
+    chosen["visibility_threshold"] = max(f1s)[1]
     print(f"chosen on held-out training faces: {chosen}")
     if args.write:
         import torch  # noqa: F401  (the .pt weights file needs torch)
@@ -160,7 +176,8 @@ def tune(args) -> int:
         meta = dict(blob["meta"])
         meta["fit"] = chosen
         meta["fit_selection"] = (f"grid a x b x rho on {len(faces)} held-out training faces (clean + "
-                                 "seeded occluder), mean NME of ECT; bench/lite_eval.py tune")
+                                 "seeded occluder), mean NME of ECT; visibility_threshold: best F1 of "
+                                 "'not visible' against covered points; bench/lite_eval.py tune")
         sd = {k: v for k, v in blob["state_dict"].items()}
         sha = save_weights(sd, args.weights, meta={**meta, "arch": blob["arch"]})
         print(f"wrote fit options into {args.weights} (sha256 {sha})")

@@ -4,9 +4,10 @@ Every ``NAME.<image>`` + ``NAME.pts`` pair under the folder (any depth) is one f
 
 1. face box: by default from the ground-truth landmarks, ``ectfast.data.box_from_landmarks``
    (the paper's protocol: faces cropped around their annotation, so the numbers measure the
-   landmark detector, not the face detector); with ``boxes="detector"`` from OpenCV's Haar
-   cascade (the detection that overlaps the annotation best; a face the detector misses falls
-   back to the landmark box and is counted in ``detector_missed``);
+   landmark detector, not the face detector); with ``boxes="detector"`` from the face
+   detector (``ectfast.faces``: BlazeFace, Haar fallback) mapped to the crop convention by
+   ``faces.crop_box`` (the detection that overlaps the annotation best; a face the detector
+   misses falls back to the landmark box and is counted in ``detector_missed``);
 2. the face is cropped to 256 x 256, the estimator (the FCN) runs **once** per face, and
    ``ectfast.fit`` runs every requested method on the same response maps;
 3. landmarks are mapped back to image pixels and compared with the .pts (ectfast.metrics):
@@ -147,7 +148,9 @@ def evaluate(data, *, methods="all", boxes: str = "landmarks", estimator: Option
         raise ValueError(f"data: no NAME.<image> + NAME.pts pairs found under {os.fspath(data)!r}")
     data_mod = D._data()
     if boxes == "detector":
-        D.haar_cascade()
+        from . import faces as face_layer
+
+        face_detector = face_layer.default_detector()
     if estimator is None:
         estimator = D.make_estimator(weights, device, engine)
     elif not callable(estimator):
@@ -197,7 +200,8 @@ def evaluate(data, *, methods="all", boxes: str = "landmarks", estimator: Option
                 gt_box = np.asarray(data_mod.box_from_landmarks(gt), dtype=np.float64)
                 box = gt_box
                 if boxes == "detector":
-                    cand = np.array([D.haar_to_box(b) for b in D.haar_faces(img)]).reshape(-1, 4)
+                    cand = np.array([face_layer.crop_box(f) for f in face_layer.detect_faces(img, face_detector)])
+                    cand = cand.reshape(-1, 4)
                     picked = _pick_detection(cand, gt, gt_box)
                     if picked is None:
                         missed += 1
@@ -286,7 +290,7 @@ def markdown_table(result: EvalResult) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     note = (f"\nFailure rate, AUC and CED use the {result.norm} NME. Face boxes: "
             + ("from the ground-truth landmarks (box_from_landmarks)." if result.boxes == "landmarks"
-               else f"Haar face detector ({result.detector_missed} missed faces fell back to the landmark box)."))
+               else f"face detector ({result.detector_missed} missed faces fell back to the landmark box)."))
     if result.skipped:
         note += f" {len(result.skipped)} file(s) skipped (bad data)."
     return "\n".join(lines) + "\n" + note + "\n"
@@ -362,7 +366,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fitting method, or all of them on the same response maps (default: all)")
     p.add_argument("--boxes", default="landmarks", choices=("landmarks", "detector"),
                    help="face boxes from the ground-truth landmarks (the paper's protocol) or from the "
-                        "Haar face detector (default: landmarks)")
+                        "face detector, ectfast.faces (default: landmarks)")
     p.add_argument("--out", default="ectfast-eval", metavar="DIR",
                    help="folder for results.md, results.csv, per_face.csv, ced.png (default: %(default)s)")
     p.add_argument("--occlusion-labels", action="store_true",
