@@ -220,3 +220,19 @@ def test_detect_real_photo_with_real_haar(data_dir, tmp_path, monkeypatch, ect_d
     faces = json.loads((tmp_path / "o" / "lenna.json").read_text())["faces"]
     best = min(faces, key=lambda f: np.linalg.norm(np.mean(f["landmarks"], 0) - gt.mean(0)))
     assert metrics.nme(np.array(best["landmarks"]), gt)[0] < 0.02  # measured 0.0105 (see test_detector)
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--batch", "100000000"], "--batch"), (["--size", "100000"], "--size"), (["--size", "8"], "--size"),
+    (["--repeat", "0"], "--repeat"), (["--reference-batch", "1000"], "--reference-batch"),
+    (["--outliers", "nan"], "--outliers"), (["--outliers", "1.5"], "--outliers"), (["--batch", "x"], "--batch"),
+])
+def test_bench_sizes_are_bounded(args, option, capsys):
+    """Issue 11: `ectfast bench` refused nothing, so a huge --batch/--size allocated unbounded maps;
+    every sized option is now a usage error (exit 2) naming the option, before anything runs."""
+    from ectfast.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["bench", *args])
+    assert e.value.code == 2
+    assert f"argument {option}" in capsys.readouterr().err
