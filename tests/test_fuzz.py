@@ -589,3 +589,111 @@ def test_other_parsers_never_crash_fuzz(argv):
 @given(argv=command_lines())
 def test_other_parsers_never_crash_fuzz_long(argv):
     _check_other_parsers(argv)
+
+
+# ------------------------------------------------------------------ weights and image loaders
+
+
+def _mutations():
+    """(kind, seed-driven parameters) of a file mutation: truncate, flip bytes, random bytes."""
+    return st.one_of(st.tuples(st.just("truncate"), st.floats(0, 1)),
+                     st.tuples(st.just("flip"), st.lists(st.tuples(st.floats(0, 1), st.integers(1, 255)),
+                                                         min_size=1, max_size=8)),
+                     st.tuples(st.just("random"), st.binary(max_size=4096)),
+                     st.tuples(st.just("prefix"), st.binary(min_size=1, max_size=64)))
+
+
+def _mutate(raw: bytes, m) -> bytes:
+    kind, arg = m
+    if kind == "truncate":
+        return raw[: int(arg * len(raw))]
+    if kind == "flip":
+        b = bytearray(raw)
+        for pos, x in arg:
+            i = min(len(b) - 1, int(pos * len(b)))
+            b[i] ^= x
+        return bytes(b)
+    if kind == "random":
+        return arg
+    return arg + raw
+
+
+_WEIGHTS_RAW = None
+
+
+def _check_weights(m):
+    """The weights loader on a mutated copy of the shipped lite weights: it loads (the mutation
+    missed everything that matters) or raises ValueError/OSError whose message names the file."""
+    torch = pytest.importorskip("torch")  # noqa: F841  (the .pt loader needs torch)
+    from ectfast.model import DEFAULT_WEIGHTS, load_pretrained
+
+    global _WEIGHTS_RAW
+    if _WEIGHTS_RAW is None:
+        with open(DEFAULT_WEIGHTS, "rb") as f:
+            _WEIGHTS_RAW = f.read()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "mutated_weights.pt")
+        with open(path, "wb") as f:
+            f.write(_mutate(_WEIGHTS_RAW, m))
+        with time_bound():
+            try:
+                load_pretrained(path)
+                event("loaded")
+            except (ValueError, OSError) as e:
+                assert "mutated_weights.pt" in str(e), str(e)
+                event(type(e).__name__)
+
+
+def _small_image(fmt: str) -> bytes:
+    import cv2
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    ok, buf = cv2.imencode(fmt, img)
+    assert ok
+    return buf.tobytes()
+
+
+def _check_image(fmt, m):
+    """The detector's image reader on a mutated small JPEG/PNG: an image (H, W, 3) uint8 or an
+    ImageError (ValueError) whose message starts with the path; never a crash or a hang."""
+    from ectfast.detector import read_image
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "mutated" + fmt)
+        with open(path, "wb") as f:
+            f.write(_mutate(_small_image(fmt), m))
+        with time_bound():
+            try:
+                im = read_image(path)
+                assert im.image.ndim == 3 and im.image.shape[2] == 3 and im.image.dtype == np.uint8
+                event("decoded")
+            except ValueError as e:
+                assert str(e).startswith(path), str(e)
+                event("refused")
+
+
+@_settings(25)
+@given(m=_mutations())
+def test_weights_loader_fuzz(m):
+    _check_weights(m)
+
+
+@pytest.mark.fuzz_long
+@_settings(LONG)
+@given(m=_mutations())
+def test_weights_loader_fuzz_long(m):
+    _check_weights(m)
+
+
+@_settings(40)
+@given(fmt=st.sampled_from([".jpg", ".png"]), m=_mutations())
+def test_image_loader_fuzz(fmt, m):
+    _check_image(fmt, m)
+
+
+@pytest.mark.fuzz_long
+@_settings(LONG)
+@given(fmt=st.sampled_from([".jpg", ".png"]), m=_mutations())
+def test_image_loader_fuzz_long(fmt, m):
+    _check_image(fmt, m)
