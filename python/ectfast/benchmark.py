@@ -11,43 +11,20 @@ import time
 
 import numpy as np
 
+from ._argtypes import bounded_int, unit_float
+
 
 #: (low, high) of each sized option: the maps are batch x 68 x size^2 float32, so the upper
 #: bounds keep one run under about 4.5 GiB and a few minutes
 LIMITS = {"batch": (1, 1024), "size": (16, 1024), "repeat": (1, 100), "reference_batch": (1, 64)}
 
 
-def _bounded_int(name: str):
-    lo, hi = LIMITS[name]
-
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"expected {lo} <= value <= {hi}, got {v}")
-        return v
-
-    return parse
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 <= v <= 1.0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text}")
-    return v
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch", type=_bounded_int("batch"), default=64, help="faces per batch (default 64, at most 1024)")
-    p.add_argument("--size", type=_bounded_int("size"), default=256, help="map size in pixels (default 256, 16-1024)")
-    p.add_argument("--outliers", type=_fraction, default=0.2, help="fraction of false peaks (default 0.2)")
-    p.add_argument("--repeat", type=_bounded_int("repeat"), default=3, help="timed runs per backend (median, at most 100)")
-    p.add_argument("--reference-batch", type=_bounded_int("reference_batch"), default=4,
+    p.add_argument("--batch", type=bounded_int(*LIMITS["batch"]), default=64, help="faces per batch (default 64, at most 1024)")
+    p.add_argument("--size", type=bounded_int(*LIMITS["size"]), default=256, help="map size in pixels (default 256, 16-1024)")
+    p.add_argument("--outliers", type=unit_float, default=0.2, help="fraction of false peaks (default 0.2)")
+    p.add_argument("--repeat", type=bounded_int(*LIMITS["repeat"]), default=3, help="timed runs per backend (median, at most 100)")
+    p.add_argument("--reference-batch", type=bounded_int(*LIMITS["reference_batch"]), default=4,
                    help="faces for the (slow) reference backend (default 4, at most 64)")
     p.add_argument("--backends", nargs="*", default=None, help="subset of ectfast.backends()")
     p.add_argument("--seed", type=int, default=0)

@@ -46,6 +46,7 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import engine as E
+from ._argtypes import positive_int, unit_float
 from .fit import METHODS
 
 CROP_SIZE = 256
@@ -1125,26 +1126,6 @@ exit status:
 """
 
 
-def _unit_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not (math.isfinite(v) and 0.0 <= v <= 1.0):
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return v
-
-
 def _megapixels(text: str) -> float:
     try:
         v = float(text)
@@ -1185,7 +1166,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "measured faster; else PyTorch), onnxruntime, torch (default: auto)")
     p.add_argument("--device", default="auto", type=device_arg,
                    help="where the network runs: auto, cpu, cuda, cuda:N (default: auto)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="the engine's CPU threads (default: its own)")
+    p.add_argument("--threads", type=positive_int, default=None, help="the engine's CPU threads (default: its own)")
     p.add_argument("--face-detector", default="auto", metavar="NAME",
                    help="auto (BlazeFace, falling back to Haar), blazeface-short, blazeface-full, haar, "
                         "dlib-hog (default: auto)")
@@ -1193,10 +1174,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=("auto", "reference", "cpu", "cuda"),
                    help="ectfast.fit backend (default: auto)")
     p.add_argument("--method", default="ect", choices=METHODS, help="fitting method (default: ect)")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="faces per network/fit batch (default: 16)")
-    p.add_argument("--workers", type=_positive_int, default=2,
+    p.add_argument("--batch-size", type=positive_int, default=16, help="faces per network/fit batch (default: 16)")
+    p.add_argument("--workers", type=positive_int, default=2,
                    help="threads reading and searching images ahead of the network (default: 2)")
-    p.add_argument("--threshold", type=_unit_float, default=None,
+    p.add_argument("--threshold", type=unit_float, default=None,
                    help="visibility threshold tau in [0, 1] on the landmark confidence (default: the "
                         "network's own, stored with its weights, else 0.5)")
     p.add_argument("--max-megapixels", type=_megapixels, default=MAX_PIXELS / 1e6,

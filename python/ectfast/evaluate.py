@@ -373,7 +373,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="read NAME.occ (one 0/1 per landmark, 1 = occluded) and report occlusion precision/recall")
     p.add_argument("--norm", default="inter-ocular", choices=metrics.NORMALIZATIONS,
                    help="NME used for failure rate, AUC and CED (all three NMEs are always reported)")
-    from .detector import _unit_float, device_arg
+    from ._argtypes import unit_float
+    from .detector import device_arg
     from .engine import ENGINES
 
     p.add_argument("--weights", default=None, metavar="PATH",
@@ -385,7 +386,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=("auto", "reference", "cpu", "cuda"),
                    help="ectfast.fit backend (default: auto)")
     p.add_argument("--batch-size", type=int, default=8, help="faces per FCN/fit batch (default: 8)")
-    p.add_argument("--threshold", type=_unit_float, default=0.5,
+    p.add_argument("--threshold", type=unit_float, default=0.5,
                    help="visibility threshold tau in [0, 1] (default: 0.5)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.epilog = "Exit status: 0 when faces were evaluated, 1 when none could be, 2 for a usage/setup error."

@@ -19,6 +19,8 @@ from typing import Optional
 
 import numpy as np
 
+from .pts import _path_arg  # one home for the path-argument check
+
 FORMAT = "ectfast-pdm"
 VERSION = 1
 N_SIMILARITY = 4
@@ -264,18 +266,6 @@ VALUE_RANGE = (1e-12, 1e12)
 
 #: The largest PDM file :meth:`PDM.load` unpacks (the shipped 68-point model is ~150 kB).
 MAX_FILE_BYTES = 64 * 1024 * 1024
-
-
-def _path_arg(path) -> str:
-    try:
-        p = os.fspath(path)
-    except TypeError:
-        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}") from None
-    if isinstance(p, bytes):
-        p = os.fsdecode(p)
-    if not p or "\x00" in p:
-        raise ValueError(f"path: expected a file name, got {p!r}")
-    return p
 
 
 def _reason(e: BaseException) -> str:
