@@ -8,7 +8,7 @@ align_corners=False convention of the fixed bilinear upsampling, ``ectfast.data.
 Sub-pixel refinement (DARK, Zhang et al., CVPR 2020): around the argmax ``m`` of a map ``M``,
 ``L = log(max(M, eps))`` is expanded to second order, ``L(m + d) ~ L(m) + g.d + d.H d / 2``,
 and the peak moves to ``d = -H^-1 g`` (first and second differences at ``m``). The step is taken
-only where H is negative definite (a true maximum of the log) and is clipped to half a pixel... of
+only where H is negative definite (a true maximum of the log) and is clipped to half a pixel of
 the map per axis; at the border, or on flat / non-positive maps, the integer argmax stays.
 """
 from __future__ import annotations

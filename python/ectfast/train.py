@@ -218,7 +218,7 @@ class Trainer:
 
     def _restore_length(self, saved: dict) -> None:
         """A resumed run keeps the length (and so the LR schedule) its time budget fixed."""
-        for k in ("total_steps", "budget_minutes", "epochs"):
+        for k in ("total_steps", "epochs"):
             if k in saved:
                 self.cfg[k] = saved[k]
 
