@@ -70,7 +70,7 @@ RUN_KEYS = ("arch", "loss", "epochs", "batch_size", "lr", "weight_decay", "seed"
 DEFAULTS = dict(arch="lite", loss=None, epochs=60, batch_size=32, lr=2e-3, weight_decay=1e-4, seed=0,
                 input_size=None, warmup=0.03, clip=5.0, holdout=150)
 #: heatmap loss per architecture when --loss is not given (measured: docs in the module docstring)
-DEFAULT_LOSS = {"lite": "awing", "paper": "l2"}
+DEFAULT_LOSS = {"lite": "awing", "lite-unet": "awing", "paper": "l2"}
 FRAME = D.INPUT_SIZE  # the fit's frame: landmarks and targets are placed in the 256 crop
 
 
