@@ -1,6 +1,6 @@
 """Calibrate each face detector's box against the training crop box (issue 10).
 
-The landmark network is trained on square crops ``ectfast.data.box_from_landmarks(landmarks)``
+The landmark network is trained on square crops ``ectfast.nets.data.box_from_landmarks(landmarks)``
 (side 1.3 x the landmarks' larger side, centred on their bounding box). For every 300-W TRAINING
 face (afw, helen/trainset, lfpw/trainset -- never lfpw/testset) and every detector, take the
 detection whose box has the largest IoU with the landmark box ``box_from_landmarks(pts, 1.0)``,
@@ -39,9 +39,9 @@ def calibrate(names, limit=0):
     import cv2
 
     from ectfast import faces as F
-    from ectfast.data import box_from_landmarks
-    from ectfast.datasets import find_faces
-    from ectfast.pts import read_pts
+    from ectfast.nets.data import box_from_landmarks
+    from ectfast.io.datasets import find_faces
+    from ectfast.io.pts import read_pts
 
     pairs = []
     for f in TRAIN_SETS:
@@ -95,9 +95,9 @@ def mosaic(n, thresholds=(0.5, 0.55, 0.6, 0.65, 0.7, 0.75)):
     import cv2
 
     from ectfast import faces as F
-    from ectfast.data import box_from_landmarks
-    from ectfast.datasets import find_faces
-    from ectfast.pts import read_pts
+    from ectfast.nets.data import box_from_landmarks
+    from ectfast.io.datasets import find_faces
+    from ectfast.io.pts import read_pts
 
     pairs = find_faces(os.path.join(DATA, "300w/helen/trainset")) + find_faces(os.path.join(DATA, "300w/lfpw/trainset"))
     rng = np.random.default_rng(0)

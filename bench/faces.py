@@ -35,14 +35,14 @@ ALL = ("blazeface", "blazeface-short", "blazeface-short-notiles", "blazeface-ful
 
 
 def landmark_box(pts):
-    from ectfast.data import box_from_landmarks
+    from ectfast.nets.data import box_from_landmarks
 
     return np.asarray(box_from_landmarks(pts, 1.0), dtype=np.float64)
 
 
 def calibrated_landmark_box(face):
     """crop_box shrunk from the 1.3 crop convention back to the landmark box (same centre)."""
-    from ectfast.data import BOX_SCALE
+    from ectfast.nets.data import BOX_SCALE
     from ectfast.faces import crop_box
 
     b = np.asarray(crop_box(face), dtype=np.float64)
@@ -57,7 +57,7 @@ def keypoint_targets(pts):
 
 
 def items(folders):
-    from ectfast.datasets import find_faces
+    from ectfast.io.datasets import find_faces
 
     out = []
     for f in folders:
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     import cv2
 
     from ectfast import faces as F
-    from ectfast.pts import read_pts
+    from ectfast.io.pts import read_pts
 
     cv2.setNumThreads(1)
     if not os.path.isdir(os.path.join(DATA, "300w")):

@@ -25,7 +25,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
-from ectfast.model import FCN, build, count_parameters, forward_flops  # noqa: E402
+from ectfast.nets.model import FCN, build, count_parameters, forward_flops  # noqa: E402
 
 TRAIN_SET = 2012  # faces per epoch in the compact 300-W copy
 
@@ -92,7 +92,7 @@ def bench_cpu_lite(threads: int, arch: str = "lite"):
                  "net_only_faces_per_s": _rate(net_only, 32)})
     # the shipped ONNX file with ONNX Runtime (the plain-install engine), same crops
     try:
-        from ectfast.engine import OnnxEstimator
+        from ectfast.nets.engine import OnnxEstimator
 
         est = OnnxEstimator(threads=threads)
         x = crops.numpy()
@@ -164,8 +164,8 @@ def bench_train(batch: int, compile_model: bool, steps: int = 20):
     on synthetic margin crops, through the real Trainer."""
     import numpy as np
 
-    from ectfast import data as D
-    from ectfast.train import Trainer
+    from ectfast.nets import data as D
+    from ectfast.nets.train import Trainer
 
     n = max(4 * batch, 256)
     rng = np.random.default_rng(0)

@@ -20,8 +20,8 @@ import time
 import numpy as np
 
 import ectfast
-from ectfast import synthetic
-from ectfast._cpu import CpuOps
+from ectfast.core import synthetic
+from ectfast.core._cpu import CpuOps
 
 
 def make_batch(pdm, B, size, seed=0, noise=0.01):
@@ -124,7 +124,7 @@ def main(argv=None):
                 ops = CpuOps(num_threads=t, lazy_upsample=lazy)
 
                 def run():  # what fit does, with this ops object (lazy or materialising)
-                    import ectfast._dispatch as d
+                    import ectfast.core._dispatch as d
                     orig = d.get_ops
                     d.get_ops = lambda *a, **k: ops
                     try:

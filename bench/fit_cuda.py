@@ -7,7 +7,7 @@ Measures faces/s for
   * 256x256 float maps (as the FCN's UpsampleNet outputs them): B in {1, 64, 1024};
   * 64x64 maps fitted with upsample=4 (sampled bilinearly inside the kernels): B in {1, 64, 1024, 8192};
 through ectfast.fit (one binding call per step) with the device Cholesky, through the fused
-path (ectfast._cuda.fit_fused: the whole fit in one call) and with the host (Eigen) solve of the
+path (ectfast.core._cuda.fit_fused: the whole fit in one call) and with the host (Eigen) solve of the
 (4+m)x(4+m) systems (ECTFAST_CUDA_SOLVER=host), and prints the memory-bandwidth floor: the time to read every map once
 at the device's peak bandwidth (from its bus width and memory clock) and at the bandwidth a plain
 torch reduction over the same maps reaches. The cpu and reference backends run on the same maps
@@ -44,12 +44,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     import ectfast
-    from ectfast.synthetic import gaussian_maps, make_maps, random_pdm_shapes
+    from ectfast.core.synthetic import gaussian_maps, make_maps, random_pdm_shapes
 
     available = ectfast.backends()
     if "cuda" not in available:
         try:
-            from ectfast import _core
+            from ectfast.core import _core
 
             why = ("the extension was built without CUDA" if not getattr(_core, "cuda_built", False)
                    else "no CUDA device/driver is usable here")
@@ -67,8 +67,8 @@ def main(argv=None):
         print("bench/fit_cuda.py: torch reports no CUDA device (CPU-only torch build?)", file=sys.stderr)
         return 2
 
-    from ectfast import _core
-    from ectfast._cuda import fit_fused
+    from ectfast.core import _core
+    from ectfast.core._cuda import fit_fused
 
     info = _core.cuda_device_info(0)
     peak_bw = 2.0 * info["memory_clock_khz"] * 1e3 * info["bus_width_bits"] / 8.0  # bytes/s (DDR)

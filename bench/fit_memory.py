@@ -41,7 +41,7 @@ def make_pool(pdm, batch: int, seed: int):
     """(maps, kwargs) cases cycled by the loop: the FCN's 64x64 maps fitted with upsample=4 in the
     256 frame (six cases), 256x256 maps (two cases); every method, early stop on every third."""
     from ectfast import METHODS
-    from ectfast import synthetic as sy
+    from ectfast.core import synthetic as sy
 
     pool = []
     rng = np.random.default_rng(seed)

@@ -26,12 +26,12 @@ import cv2
 import numpy as np
 
 import ectfast
-from ectfast import data as D
-from ectfast import metrics
-from ectfast.datasets import TRAIN_SUBSETS
-from ectfast.detector import NetEstimator, crops_to_input
-from ectfast.peaks import subpixel_peaks
-from ectfast.pts import read_pts
+from ectfast.nets import data as D
+from ectfast.core import metrics
+from ectfast.io.datasets import TRAIN_SUBSETS
+from ectfast.app.detector import NetEstimator, crops_to_input
+from ectfast.core.peaks import subpixel_peaks
+from ectfast.io.pts import read_pts
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "300w")
 METHODS = ["crm", "crm-subpixel", "crm-pdm", "crm-clm", "crm-clm-c", "ect"]
@@ -40,7 +40,7 @@ LABELS = {"crm": "CRM (argmax)", "crm-subpixel": "CRM + DARK sub-pixel", "crm-pd
 
 
 def holdout_faces(root, n=150, seed=0):
-    """The training faces that ``ectfast train`` held out (same split: ectfast.train.split_holdout)."""
+    """The training faces that ``ectfast train`` held out (same split: ectfast.nets.train.split_holdout)."""
     faces = D.list_faces(root, TRAIN_SUBSETS)
     perm = np.random.default_rng([seed, 3]).permutation(len(faces))
     return [faces[i] for i in np.sort(perm[:n])]
@@ -170,7 +170,7 @@ def tune(args) -> int:
     print(f"chosen on held-out training faces: {chosen}")
     if args.write:
         import torch  # noqa: F401  (the .pt weights file needs torch)
-        from ectfast.model import read_weights, save_weights
+        from ectfast.nets.model import read_weights, save_weights
 
         blob = read_weights(args.weights)
         meta = dict(blob["meta"])

@@ -16,7 +16,7 @@ to the annotation is reported too, and the images whose annotated face was not f
 
 ``--weights`` is the .pt file (torch engine); the ONNX file is NAME.onnx beside it, or exported
 to a temporary file when absent. The engine that ``engine="auto"`` picks on CPU
-(``ectfast.engine.CPU_PREFERENCE``) should be the faster one here: the script says whether it is.
+(``ectfast.nets.engine.CPU_PREFERENCE``) should be the faster one here: the script says whether it is.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ DEFAULT_IMAGES = [os.path.join(DATA, "300w", "lfpw", "testset"), os.path.join(DA
 
 
 def list_images(folders, limit):
-    from ectfast.detector import IMAGE_EXTENSIONS
+    from ectfast.app.detector import IMAGE_EXTENSIONS
 
     out = []
     for f in folders:
@@ -52,7 +52,7 @@ def list_images(folders, limit):
 
 
 def annotation(path):
-    from ectfast.pts import read_pts
+    from ectfast.io.pts import read_pts
 
     pts = os.path.splitext(path)[0] + ".pts"
     if not os.path.isfile(pts):
@@ -68,7 +68,7 @@ def score(per_image, gts):
     """(mean NME, median NME, annotated faces found, annotated faces) over images with a .pts:
     the face whose landmark centre is nearest the annotation's, if that centre lies inside the
     annotation's box."""
-    from ectfast import metrics
+    from ectfast.core import metrics
 
     errs, total = [], 0
     for lms, gt in zip(per_image, gts):
@@ -103,7 +103,7 @@ def run_ectfast(det, paths, repeat, workers):
 
 def stage_breakdown(det, paths, n=40):
     """ms per image (read, face search) and per face (crop, network, fit), sequential."""
-    from ectfast import detector as D
+    from ectfast.app import detector as D
 
     t = {"read": 0.0, "faces": 0.0, "crop": 0.0, "network": 0.0, "fit": 0.0}
     crops_all, Ms_all = [], []
@@ -122,7 +122,7 @@ def stage_breakdown(det, paths, n=40):
         crops_all += crops
         Ms_all.append(Ms)
     k = len(crops_all)
-    from ectfast.fit import fit
+    from ectfast.core.fit import fit
 
     for s in range(0, k, det.batch_size):
         x = D.crops_to_input(crops_all[s:s + det.batch_size])
@@ -181,8 +181,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import ectfast
-    from ectfast import engine as E
-    from ectfast.detector import Detector
+    from ectfast.nets import engine as E
+    from ectfast.app.detector import Detector
 
     paths = list_images(args.images, args.limit)
     if not paths:
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     onnx_path = os.path.splitext(pt)[0] + ".onnx"
     tmp = None
     if "onnxruntime" in args.engines and not os.path.isfile(onnx_path):
-        from ectfast import export
+        from ectfast.nets import export
 
         tmp = tempfile.TemporaryDirectory()
         onnx_path = export.export_weights(pt, os.path.join(tmp.name, "net.onnx"))["path"]

@@ -1,6 +1,6 @@
 """Test helpers for the end-to-end pipeline (evaluate, Detector, ectfast detect).
 
-* ``ect_data`` fixture: the face-cropping module ``ectfast.data``. When it is not in this checkout
+* ``ect_data`` fixture: the face-cropping module ``ectfast.nets.data``. When it is not in this checkout
   (it is written on another branch), the tests that need it skip with that reason -- unless
   ECTFAST_DATA_STANDIN=1, which puts the minimal stand-in below in its place (for developing
   this branch alone; the real module replaces it after the merge).
@@ -21,18 +21,18 @@ import cv2
 import numpy as np
 import pytest
 
-from ectfast.synthetic import TARGET_SIGMA_256, gaussian_maps, make_maps
+from ectfast.core.synthetic import TARGET_SIGMA_256, gaussian_maps, make_maps
 
 DOT_LANDMARKS = (36, 45, 8)
 DOT_COLOURS_BGR = ((0, 255, 0), (255, 0, 255), (255, 255, 0))  # green, magenta, cyan
 _NAMES = ("box_from_landmarks", "crop_face")  # what the pipeline uses
 
 
-# ------------------------------------------------------------------ ectfast.data (or a stand-in)
+# ------------------------------------------------------------------ ectfast.nets.data (or a stand-in)
 
 
 def _standin_module():
-    m = types.ModuleType("ectfast.data")
+    m = types.ModuleType("ectfast.nets.data")
 
     def box_from_landmarks(pts, scale=1.3):
         p = np.asarray(pts, float)
@@ -63,16 +63,16 @@ def ect_data(monkeypatch):
     import importlib
 
     try:
-        mod = importlib.import_module("ectfast.data")
+        mod = importlib.import_module("ectfast.nets.data")
         if all(hasattr(mod, n) for n in _NAMES):
             return mod
     except ImportError:
         pass
     if os.environ.get("ECTFAST_DATA_STANDIN") != "1":
-        pytest.skip("ectfast.data (box_from_landmarks/crop_face, written on the FCN branch) is not in "
+        pytest.skip("ectfast.nets.data (box_from_landmarks/crop_face, written on the FCN branch) is not in "
                     "this checkout; set ECTFAST_DATA_STANDIN=1 to use the tests' stand-in")
     m = _standin_module()
-    monkeypatch.setitem(sys.modules, "ectfast.data", m)
+    monkeypatch.setitem(sys.modules, "ectfast.nets.data", m)
     return m
 
 

@@ -22,10 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ectfast
-from ectfast import _dispatch
-from ectfast import _reference as R
-from ectfast import synthetic as sy
-from ectfast.fit import (MAX_ITERATIONS, MAX_PATCH_SIZE, MAX_THREADS, MAX_UPSAMPLE, MapScaleWarning,
+from ectfast.core import _dispatch
+from ectfast.core import _reference as R
+from ectfast.core import synthetic as sy
+from ectfast.core.fit import (MAX_ITERATIONS, MAX_PATCH_SIZE, MAX_THREADS, MAX_UPSAMPLE, MapScaleWarning,
                          schedule)
 
 HOST_BACKENDS = [b for b in ectfast.backends() if b != "cuda"]
@@ -55,7 +55,7 @@ def test_compiled_core_loads():
     if os.environ.get("ECTFAST_ALLOW_NO_CORE") == "1":
         pytest.skip("ECTFAST_ALLOW_NO_CORE=1: running without the compiled core on purpose")
     assert "cpu" in ectfast.backends(), f"the compiled core did not load: {_dispatch.core_error()}"
-    import ectfast._core as core
+    import ectfast.core._core as core
 
     assert core.cpu_default_threads() >= 1
     assert _dispatch.core_error() is None
@@ -63,7 +63,7 @@ def test_compiled_core_loads():
 
 def test_core_check_fails_without_the_core():
     """The check above really fails when the extension cannot be imported."""
-    code = ("import sys; sys.modules['ectfast._core'] = None\n"
+    code = ("import sys; sys.modules['ectfast.core._core'] = None\n"
             "import pytest\n"
             "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-W', 'ignore',\n"
             "    'tests/test_bounds.py::test_compiled_core_loads']))\n")
@@ -100,7 +100,7 @@ class _Spy:
         self.calls = []
         classes = [R.ReferenceOps]
         if "cpu" in ectfast.backends():
-            from ectfast._cpu import CpuOps
+            from ectfast.core._cpu import CpuOps
 
             classes.append(CpuOps)
         for cls in classes:
@@ -158,7 +158,7 @@ def test_frozen_faces_cost_nothing(pdm, backend, face, monkeypatch):
 def test_early_stop_on_device_arrays_ends_the_loop(pdm, face):
     """Backends without face subsets (cuda) freeze on the device; fit reads back whether any
     face is still moving after iterations 1, 2, 4, 8 and then every 16, and stops there."""
-    from ectfast.fit import tune
+    from ectfast.core.fit import tune
 
     class DeviceLike(R.ReferenceOps):
         faces = property()  # hasattr(ops, "faces") is False, like CudaOps
@@ -331,7 +331,7 @@ def test_synthetic_maps_have_the_network_output_scale(size):
 
 
 def test_synthetic_64_maps_are_the_training_targets(pdm):
-    from ectfast.data import make_targets, to_map64
+    from ectfast.nets.data import make_targets, to_map64
 
     shapes = sy.random_pdm_shapes(pdm, 2, seed=8)
     hi, lo = make_targets(shapes, size=256)

@@ -6,9 +6,10 @@ import cv2
 import numpy as np
 import pytest
 
-from ectfast import cli, metrics
-from ectfast import detector as D
-from ectfast.pts import read_pts, write_pts
+from ectfast import cli
+from ectfast.core import metrics
+from ectfast.app import detector as D
+from ectfast.io.pts import read_pts, write_pts
 
 from _e2e_helpers import FiducialEstimator, draw_dots, ect_data, synthetic_face, template_shape  # noqa: F401
 
@@ -155,7 +156,7 @@ def test_eval_threshold_nan_is_a_usage_error(tmp_path, capsys):
 
 
 def _skip_if_shipped():
-    from ectfast import engine
+    from ectfast.nets import engine
 
     if os.path.isfile(engine.DEFAULT_PT) or os.path.isfile(engine.DEFAULT_ONNX):
         pytest.skip("a network is shipped in this installation")

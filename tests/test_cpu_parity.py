@@ -1,4 +1,4 @@
-"""The cpu backend (C++/Eigen, ectfast._core) against the NumPy reference, op by op and through
+"""The cpu backend (C++/Eigen, ectfast.core._core) against the NumPy reference, op by op and through
 ectfast.fit for every method; and the compiled functions' own argument checks.
 
 The core is required (a failed import fails this module) unless ECTFAST_ALLOW_NO_CORE=1.
@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 import ectfast
-from ectfast import _reference as ref
-from ectfast import synthetic
+from ectfast.core import _reference as ref
+from ectfast.core import synthetic
 
 if os.environ.get("ECTFAST_ALLOW_NO_CORE") == "1":  # a deliberate pure-Python run only
-    _core = pytest.importorskip("ectfast._core")
+    _core = pytest.importorskip("ectfast.core._core")
 else:  # CI: a core that does not build or load must fail here, not skip
-    import ectfast._core as _core  # noqa: E402
-from ectfast._cpu import CpuOps, UpsampledMaps  # noqa: E402
+    import ectfast.core._core as _core  # noqa: E402
+from ectfast.core._cpu import CpuOps, UpsampledMaps  # noqa: E402
 
 TOL = 1e-8  # px; the two agree to ~1e-12 (float64 accumulation in both)
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import ectfast
-from ectfast import _reference as R
-from ectfast.synthetic import gaussian_maps, make_maps, random_pdm_shapes
+from ectfast.core import _reference as R
+from ectfast.core.synthetic import gaussian_maps, make_maps, random_pdm_shapes
 
 torch = pytest.importorskip("torch")
 
@@ -17,7 +17,7 @@ PX = 1e-3  # parity tolerance in pixels (float32 maps)
 
 
 def _core():
-    from ectfast import _core
+    from ectfast.core import _core
 
     return _core
 
@@ -74,7 +74,7 @@ def test_cuda_bindings_refuse_missing_device():
 
 
 def test_cuda_ops_reject_host_arrays():
-    from ectfast._cuda import _adopt
+    from ectfast.core._cuda import _adopt
 
     with pytest.raises(ValueError, match="CUDA device"):
         _adopt(np.zeros((1, 68, 8, 8), np.float32))
@@ -235,7 +235,7 @@ def test_any_dlpack_producer_is_accepted(pdm):
 @pytest.mark.cuda
 @pytest.mark.parametrize("method", ectfast.METHODS)
 def test_fused_fit_equals_per_op_path(pdm, method):
-    from ectfast._cuda import fit_fused
+    from ectfast.core._cuda import fit_fused
 
     maps = _maps_for(pdm, 3, outlier_fraction=0.15, occluded_fraction=0.1, seed=23)
     dev = torch.as_tensor(maps, device="cuda")
@@ -264,7 +264,7 @@ def test_fused_fit_equals_per_op_path(pdm, method):
 @pytest.mark.parametrize("r", [2, 7, 30, 45, 70])
 @pytest.mark.parametrize("factor", [1, 4])
 def test_patch_ops_match_reference(pdm, r, factor):
-    from ectfast._cuda import CudaOps
+    from ectfast.core._cuda import CudaOps
 
     rng = np.random.default_rng(r * 10 + factor)
     size = 96 // factor
@@ -294,7 +294,7 @@ def test_patch_ops_match_reference(pdm, r, factor):
 
 @pytest.mark.cuda
 def test_argmax_first_maximum_and_projection_ops(pdm):
-    from ectfast._cuda import CudaOps
+    from ectfast.core._cuda import CudaOps
 
     maps = np.zeros((1, 68, 9, 11), np.float32)
     maps[0, :, 4, 7] = 2.0
@@ -404,7 +404,7 @@ def test_bindings_validate_descriptors(pdm):
 def test_other_device_is_rejected(pdm):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
-    from ectfast._cuda import CudaOps
+    from ectfast.core._cuda import CudaOps
 
     ops = CudaOps()
     dm = ops.prepare(torch.zeros((1, 68, 16, 16), device="cuda:0"), 1, 68)

@@ -1,4 +1,4 @@
-"""The cuda backend's Python side (``ectfast._cuda``) on any machine: plumbing only.
+"""The cuda backend's Python side (``ectfast.core._cuda``) on any machine: plumbing only.
 
 The compiled CUDA entry points are replaced by a fake core and the device arrays by NumPy arrays
 behind integer "pointers". The fake checks every descriptor it receives (dtype, shape) against
@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 
 import ectfast
-from ectfast import _cuda
-from ectfast import _reference as R
-from ectfast.synthetic import make_maps, random_pdm_shapes
+from ectfast.core import _cuda
+from ectfast.core import _reference as R
+from ectfast.core.synthetic import make_maps, random_pdm_shapes
 
 
 class _Registry:
@@ -195,7 +195,7 @@ def emulated(monkeypatch, pdm):
     monkeypatch.setattr(_cuda, "_core", lambda: core)
     monkeypatch.setattr(_cuda, "_adopt", lambda maps: (fw, reg.add(maps)))
     monkeypatch.setattr(_cuda, "_PDM_CACHE", type(_cuda._PDM_CACHE)())
-    from ectfast import _dispatch
+    from ectfast.core import _dispatch
 
     monkeypatch.setattr(_dispatch, "get_ops", lambda name="auto", on_device=False, num_threads=None:
                         R.ReferenceOps() if name == "reference" else _cuda.CudaOps())
@@ -231,7 +231,7 @@ def test_cuda_ops_glue_reproduces_reference(emulated, pdm, method):
     {"upsample": 2, "iterations": 0},
 ])
 def test_fit_fused_plumbing(emulated, pdm, method, kw):
-    from ectfast.fit import DEFAULT_PATCH_SIZES, SIMILARITY_EPS, schedule
+    from ectfast.core.fit import DEFAULT_PATCH_SIZES, SIMILARITY_EPS, schedule
 
     maps = make_maps(random_pdm_shapes(pdm, 3, size=40, seed=0), size=40, seed=1).maps[:, :, :, :36]
     maps = np.ascontiguousarray(maps[:, :, ::2, ::2]) if kw.get("upsample") else np.ascontiguousarray(maps)
@@ -277,7 +277,7 @@ class _NoDeviceCore:
 
 def test_cuda_built_without_a_device_says_so(monkeypatch, pdm):
     """It used to say "'cuda' is not available here (built: ['reference', 'cpu'])"."""
-    from ectfast import _dispatch
+    from ectfast.core import _dispatch
 
     monkeypatch.setattr(_dispatch, "_core", lambda: _NoDeviceCore)
     monkeypatch.setattr(_cuda, "_core", lambda: _NoDeviceCore)
@@ -292,7 +292,7 @@ def test_cuda_built_without_a_device_says_so(monkeypatch, pdm):
 
 
 def test_cuda_not_built_says_so(monkeypatch, pdm):
-    from ectfast import _dispatch
+    from ectfast.core import _dispatch
 
     class NoCuda:
         cuda_built = False

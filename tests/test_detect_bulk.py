@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from ectfast import cli
-from ectfast import detector as D
-from ectfast.synthetic import gaussian_maps, peak_scale
+from ectfast.app import detector as D
+from ectfast.core.synthetic import gaussian_maps, peak_scale
 
 from _e2e_helpers import ect_data, template_shape  # noqa: F401
 
@@ -196,7 +196,7 @@ def test_huge_jpeg_is_decoded_reduced_in_bounded_memory(tmp_path):
     p.write_bytes(big_jpeg())
     code = textwrap.dedent(f"""
         import resource
-        from ectfast.detector import read_image
+        from ectfast.app.detector import read_image
         r = read_image({str(p)!r})
         print(r.image.shape, r.scale, r.width, r.height, int(r.image.mean()))
         print("maxrss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import ectfast
-from ectfast import detector as D
-from ectfast import metrics
-from ectfast.pts import read_pts
+from ectfast.app import detector as D
+from ectfast.core import metrics
+from ectfast.io.pts import read_pts
 
 from _e2e_helpers import FiducialEstimator, draw_dots, ect_data, synthetic_face, template_shape  # noqa: F401
 
@@ -171,14 +171,14 @@ def test_bad_boxes_and_arguments(scene, ect_data, pdm):
 
 def test_no_shipped_weights_is_a_clear_error(ect_data):
     try:
-        from ectfast import model
+        from ectfast.nets import model
     except ImportError:
         model = None
     if model is not None and model.has_pretrained():
         pytest.skip("weights are shipped in this installation")
     with pytest.raises((FileNotFoundError, ImportError)) as ei:
         ectfast.Detector(device="cpu")
-    assert "weights" in str(ei.value) or "ectfast.model" in str(ei.value)
+    assert "weights" in str(ei.value) or "ectfast.nets.model" in str(ei.value)
 
 
 def test_haar_cascade_missing_is_clear(monkeypatch):
@@ -343,7 +343,7 @@ def test_visibility_threshold_is_checked(pdm, ect_data):
 
 
 def _shipped():
-    from ectfast import engine
+    from ectfast.nets import engine
 
     if not (os.path.isfile(engine.DEFAULT_ONNX) or os.path.isfile(engine.DEFAULT_PT)):
         pytest.skip("no network is shipped in this checkout (python/ectfast/assets/lite_300w.onnx / .pt)")

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from ectfast import data as D
-from ectfast.model import load_pretrained, read_weights
+from ectfast.nets import data as D
+from ectfast.nets.model import load_pretrained, read_weights
 
 from test_fcn import synthetic_crops
 

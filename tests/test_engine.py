@@ -1,4 +1,4 @@
-"""ectfast.engine: ONNX Runtime and PyTorch estimators, the ONNX export with its metadata, the
+"""ectfast.nets.engine: ONNX Runtime and PyTorch estimators, the ONNX export with its metadata, the
 engine choice and its error messages (issue 10: torch-free inference; issue 11: --device)."""
 import json
 import os
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ectfast import cli
-from ectfast import engine as E
+from ectfast.nets import engine as E
 
 torch = pytest.importorskip("torch", reason="the export and the comparison need PyTorch")
 pytest.importorskip("onnx", reason="the export needs the onnx package")
@@ -23,7 +23,7 @@ FIT = {"a": 0.3, "b": 12.0}
 def net_files(tmp_path_factory):
     """A random lite network saved as a weights file (with fit options in its metadata) and
     exported by `ectfast export-onnx` beside it."""
-    from ectfast import model
+    from ectfast.nets import model
 
     d = tmp_path_factory.mktemp("net")
     torch.manual_seed(3)
@@ -70,7 +70,7 @@ def test_onnx_matches_torch_on_256_crops(net_files):
 
 
 def test_crops_pooled_before_the_network_equal_pooling_after():
-    from ectfast import detector as D
+    from ectfast.app import detector as D
 
     crops = [(np.random.default_rng(k).random((256, 256, 3)) * 255).astype(np.uint8) for k in range(3)]
     full = D.crops_to_input(crops)
@@ -108,7 +108,7 @@ def test_engine_choice(net_files, tmp_path):
 
 
 def test_stale_onnx_beside_weights_is_refused(net_files, tmp_path):
-    from ectfast import model
+    from ectfast.nets import model
 
     pt, onnx_path, _ = net_files
     other = tmp_path / "lite.pt"
@@ -186,7 +186,7 @@ def test_cuda_without_cuda_is_one_clear_error(net_files, device, tmp_path, capsy
         assert rc == 2, engine
         assert err.startswith(f"ectfast detect: device: '{device}' was requested but") and err.count("\n") == 1
         assert "Traceback" not in err
-    from ectfast.pts import write_pts
+    from ectfast.io.pts import write_pts
 
     data = tmp_path / "data"
     data.mkdir()
@@ -211,7 +211,8 @@ def test_detect_without_torch(net_files, tmp_path):
         sys.modules["torch"] = None  # import torch now raises ImportError
         import numpy as np
         import ectfast
-        from ectfast import engine, cli
+        from ectfast import cli
+        from ectfast.nets import engine
         assert engine.available_engines() == ["onnxruntime"], engine.available_engines()
         det = ectfast.Detector(weights={str(onnx_path)!r}, face_detector=lambda im: np.array([[40, 40, 240, 240.]]))
         faces = det.detect({str(img)!r})

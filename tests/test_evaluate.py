@@ -1,4 +1,4 @@
-"""ectfast.evaluate on a tiny synthetic 300-W-layout folder, with a fake FCN (no weights)."""
+"""ectfast.app.evaluate on a tiny synthetic 300-W-layout folder, with a fake FCN (no weights)."""
 import csv
 import os
 import warnings
@@ -7,9 +7,9 @@ import cv2
 import numpy as np
 import pytest
 
-from ectfast import evaluate as E
-from ectfast import metrics
-from ectfast.pts import write_pts
+from ectfast.app import evaluate as E
+from ectfast.core import metrics
+from ectfast.io.pts import write_pts
 
 from _e2e_helpers import FiducialEstimator, ect_data, synthetic_face, template_shape  # noqa: F401
 
@@ -148,8 +148,8 @@ def test_real_lfpw_subset_pipeline_consistency(data_dir, tmp_path, ect_data):
     """Real 300-W faces (a handful): with maps at the ground truth mapped into each crop (the
     template is each face's own annotation, carried by dots drawn on a copy of the image), the
     pipeline's CRM error is only the argmax quantisation."""
-    from ectfast.datasets import find_faces
-    from ectfast.pts import read_pts
+    from ectfast.io.datasets import find_faces
+    from ectfast.io.pts import read_pts
 
     from _e2e_helpers import draw_dots
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ectfast import faces as F
-from ectfast.data import box_from_landmarks
+from ectfast.nets.data import box_from_landmarks
 
 
 # ------------------------------------------------------------------ anchors and decoding
@@ -245,7 +245,7 @@ PHOTOS = ("einstein.jpg", "breakingbad.jpg", "lenna.png", "takeo.ppm")
 def _read(data_dir, rel):
     import cv2
 
-    from ectfast.pts import read_pts
+    from ectfast.io.pts import read_pts
 
     path = data_dir / rel
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
@@ -276,8 +276,8 @@ def test_both_people_found_in_breakingbad(data_dir):
 
 @pytest.mark.data
 def test_recall_and_keypoint_order_on_lfpw_test(data_dir):
-    from ectfast.datasets import find_faces
-    from ectfast.pts import read_pts
+    from ectfast.io.datasets import find_faces
+    from ectfast.io.pts import read_pts
     import cv2
 
     pairs = find_faces(str(data_dir / "300w" / "lfpw" / "testset"))

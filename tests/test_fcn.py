@@ -13,11 +13,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ectfast import _reference  # noqa: E402
-from ectfast import data as D  # noqa: E402
-from ectfast.model import (FCN, UpsampleNet, has_pretrained, load_pretrained, read_weights,  # noqa: E402
+from ectfast.core import _reference  # noqa: E402
+from ectfast.nets import data as D  # noqa: E402
+from ectfast.nets.model import (FCN, UpsampleNet, has_pretrained, load_pretrained, read_weights,  # noqa: E402
                            save_weights, state_dict_sha256)
-from ectfast.synthetic import peak_scale, place_in_map  # noqa: E402
+from ectfast.core.synthetic import peak_scale, place_in_map  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +32,7 @@ def _threads():
 
 def synthetic_crops(pdm, n=8, stored=48, context=D.CONTEXT, seed=0) -> D.CropSet:
     """Margin crops of random smooth images with PDM shapes placed where the 1.3 box fits."""
-    from ectfast.synthetic import random_pdm_shapes
+    from ectfast.core.synthetic import random_pdm_shapes
 
     rng = np.random.default_rng(seed)
     shapes = random_pdm_shapes(pdm, n, size=stored, extent=1.0 / (context * D.BOX_SCALE),
@@ -102,8 +102,8 @@ def test_flip_permutation_is_a_mirror_involution():
 
 @pytest.mark.data
 def test_flip_mirrors_real_shapes(data_dir):
-    from ectfast.datasets import find_faces
-    from ectfast.pts import read_pts
+    from ectfast.io.datasets import find_faces
+    from ectfast.io.pts import read_pts
 
     shapes = np.stack([read_pts(p) for _, p in find_faces(data_dir / "300w" / "lfpw" / "testset")])
     W = 1000.0
@@ -209,7 +209,7 @@ def test_augmented_landmarks_follow_the_image(use_torch):
 
 
 def _trainer(pdm, tmp_path, **kw):
-    from ectfast.train import Trainer
+    from ectfast.nets.train import Trainer
 
     args = dict(arch="paper", loss=None, epochs=3, batch_size=4, lr=1e-3, weight_decay=1e-4, seed=0,
                 input_size=32, warmup=0.1,
@@ -246,7 +246,7 @@ def _losses(out):
 
 
 def test_resume_continues_exactly(pdm, tmp_path):
-    from ectfast.train import train
+    from ectfast.nets.train import train
 
     cs, vs = synthetic_crops(pdm), synthetic_crops(pdm, 4, seed=1)
     kw = dict(arch="paper", holdout=0, epochs=2, batch_size=4, input_size=32, lr=1e-3, device="cpu",
@@ -279,7 +279,7 @@ def test_cold_light_resume_tracks_best_of_this_call(pdm, tmp_path):
     """A light checkpoint carried to a folder without best.pt (a fresh machine): the next
     validation writes best.pt and the export carries its NME, even when an earlier call's
     best NME (in the light checkpoint) was lower."""
-    from ectfast.train import train
+    from ectfast.nets.train import train
 
     cs, vs = synthetic_crops(pdm), synthetic_crops(pdm, 4, seed=1)
     kw = dict(arch="paper", holdout=0, epochs=2, batch_size=4, input_size=32, lr=1e-3, device="cpu",
@@ -378,7 +378,7 @@ def test_default_weights_path_is_clear_when_absent():
 
 
 def test_onnx_export_matches_pytorch(tmp_path):
-    from ectfast.export import check_onnx, export_onnx
+    from ectfast.nets.export import check_onnx, export_onnx
 
     pytest.importorskip("onnx", reason="onnx not installed: the exporters need it")
     torch.manual_seed(0)

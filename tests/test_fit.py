@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import ectfast
-from ectfast import synthetic as sy
+from ectfast.core import synthetic as sy
 
 HOST_BACKENDS = [b for b in ectfast.backends() if b != "cuda"]
 
@@ -101,7 +101,7 @@ def test_empty_batch(pdm, backend):
 
 
 def test_upsample_equals_explicit_upsampling(pdm, backend):
-    from ectfast._reference import upsample
+    from ectfast.core._reference import upsample
 
     shapes = sy.random_pdm_shapes(pdm, 2, size=64, seed=3)
     small = sy.make_maps(shapes, size=64, seed=4).maps
@@ -223,7 +223,7 @@ def test_bad_parameters(pdm, kwargs, msg):
 
 
 def test_cuda_backend_without_gpu_is_a_clear_error(pdm):
-    from ectfast import _dispatch
+    from ectfast.core import _dispatch
 
     if "cuda" in ectfast.backends():
         pytest.skip("a GPU is present")
@@ -238,7 +238,7 @@ def test_cuda_backend_without_gpu_is_a_clear_error(pdm):
 
 
 def test_iterations_beyond_patch_sizes_repeat_the_last():
-    from ectfast.fit import schedule
+    from ectfast.core.fit import schedule
 
     assert schedule(7, (30, 30, 30, 20, 20)) == (30, 30, 30, 20, 20, 20, 20)
     assert schedule(2, (30, 20, 10)) == (30, 20)

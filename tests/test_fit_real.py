@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 import ectfast
-from ectfast import synthetic as sy
-from ectfast.datasets import find_faces
-from ectfast.pts import read_pts
+from ectfast.core import synthetic as sy
+from ectfast.io.datasets import find_faces
+from ectfast.io.pts import read_pts
 
 pytestmark = pytest.mark.data
 

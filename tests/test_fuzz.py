@@ -29,9 +29,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import ectfast
-from ectfast.fit import MapScaleWarning
-from ectfast.pdm import PDM
-from ectfast.pts import read_pts, write_pts
+from ectfast.core.fit import MapScaleWarning
+from ectfast.core.pdm import PDM
+from ectfast.io.pts import read_pts, write_pts
 
 PDM_ = ectfast.default_pdm()
 BACKENDS = [b for b in ectfast.backends() if b != "cuda"]
@@ -258,7 +258,7 @@ def test_fit_fuzz_valid_arguments_each_backend_long(backend, maps, seed):
 
 # ------------------------------------------------------------------ PDM.load
 
-with open(ectfast.pdm.DEFAULT_PDM_PATH, "rb") as _f:
+with open(ectfast.core.pdm.DEFAULT_PDM_PATH, "rb") as _f:
     GOOD = _f.read()
 
 
@@ -625,7 +625,7 @@ def _check_weights(m):
     """The weights loader on a mutated copy of the shipped lite weights: it loads (the mutation
     missed everything that matters) or raises ValueError/OSError whose message names the file."""
     torch = pytest.importorskip("torch")  # noqa: F841  (the .pt loader needs torch)
-    from ectfast.model import DEFAULT_WEIGHTS, load_pretrained
+    from ectfast.nets.model import DEFAULT_WEIGHTS, load_pretrained
 
     global _WEIGHTS_RAW
     if _WEIGHTS_RAW is None:
@@ -657,7 +657,7 @@ def _small_image(fmt: str) -> bytes:
 def _check_image(fmt, m):
     """The detector's image reader on a mutated small JPEG/PNG: an image (H, W, 3) uint8 or an
     ImageError (ValueError) whose message starts with the path; never a crash or a hang."""
-    from ectfast.detector import read_image
+    from ectfast.app.detector import read_image
 
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "mutated" + fmt)

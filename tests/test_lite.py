@@ -10,10 +10,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import ectfast  # noqa: E402
-from ectfast import data as D  # noqa: E402
-from ectfast import model as M  # noqa: E402
-from ectfast.peaks import argmax_peaks, subpixel_peaks  # noqa: E402
-from ectfast.synthetic import random_pdm_shapes  # noqa: E402
+from ectfast.nets import data as D  # noqa: E402
+from ectfast.nets import model as M  # noqa: E402
+from ectfast.core.peaks import argmax_peaks, subpixel_peaks  # noqa: E402
+from ectfast.core.synthetic import random_pdm_shapes  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(ROOT, "python", "ectfast", "assets", "lite_300w.pt")
@@ -111,7 +111,7 @@ def _awing_pixel(p, y, alpha=2.1, omega=14.0, eps=1.0, theta=0.5):
 
 
 def test_adaptive_wing_matches_the_formula_and_weights_the_foreground():
-    from ectfast.train import adaptive_wing
+    from ectfast.nets.train import adaptive_wing
 
     peak = 2.0
     # one background pixel (y = 0), far from any foreground: weight 1, mean over 1 pixel... use a
@@ -166,7 +166,7 @@ def test_targets_at_any_resolution_match_the_numpy_targets():
 def test_time_budget_plan_fits_the_deadline():
     import time
 
-    from ectfast.train import Trainer
+    from ectfast.nets.train import Trainer
 
     class _T:  # the plan reads only these attributes
         step, val_every, steps_per_epoch, cfg = 40, 10, 7, {}
@@ -236,7 +236,7 @@ def test_fit_on_32_maps_works_in_the_256_frame(pdm):
 def test_shipped_network_on_lfpw_test(data_dir):
     """ECT with the shipped lite weights on the 224 LFPW test faces (landmark boxes): the bound
     is the measured NME plus a little (bench/RESULTS.md, 'Lite network')."""
-    from ectfast.evaluate import evaluate
+    from ectfast.app.evaluate import evaluate
 
     if not os.path.isfile(SHIPPED):
         pytest.fail(f"{SHIPPED} is missing")

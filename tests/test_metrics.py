@@ -1,8 +1,8 @@
-"""ectfast.metrics: hand-computed numbers."""
+"""ectfast.core.metrics: hand-computed numbers."""
 import numpy as np
 import pytest
 
-from ectfast import metrics
+from ectfast.core import metrics
 
 
 def _face():

@@ -1,5 +1,5 @@
 """Independent oracles for the equations: values worked out by hand from DESIGN.md on tiny
-inputs (a 3x3 patch, a 2-point model), not from ``ectfast._reference``.
+inputs (a 3x3 patch, a 2-point model), not from ``ectfast.core._reference``.
 
 Every backend is compared with the reference elsewhere; these tests pin the reference (and the
 cpu backend, directly) to the equations themselves: Eq. 15 (confidence), Eq. 9 (kernel variance
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 import ectfast
-from ectfast import _reference as R
+from ectfast.core import _reference as R
 
 OPS = [R.ReferenceOps()]
 if "cpu" in ectfast.backends():
-    from ectfast._cpu import CpuOps
+    from ectfast.core._cpu import CpuOps
 
     OPS.append(CpuOps())
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import ectfast
-from ectfast.pdm import PDM, VERSION, default_pdm, procrustes_align
+from ectfast.core.pdm import PDM, VERSION, default_pdm, procrustes_align
 
 
 def _synthetic_shapes(rng, N=200, n=20, modes=3):
@@ -115,7 +115,7 @@ def test_load_rejects_non_orthonormal_basis(tmp_path):
 
 
 def test_load_rejects_corrupt_bytes(tmp_path):
-    good = open(ectfast.pdm.DEFAULT_PDM_PATH, "rb").read()
+    good = open(ectfast.core.pdm.DEFAULT_PDM_PATH, "rb").read()
     for i, data in enumerate([b"", b"not a zip file at all", good[: len(good) // 2],
                               good[:100] + bytes(200) + good[300:]]):
         p = tmp_path / f"c{i}.npz"
@@ -157,7 +157,7 @@ def test_load_refuses_pickles(tmp_path):
 def test_load_bounds_the_unpacked_size(tmp_path, monkeypatch):
     fields = _fields(default_pdm())
     _write_npz(tmp_path / "m.npz", **fields)
-    monkeypatch.setattr(ectfast.pdm, "MAX_FILE_BYTES", 10_000)
+    monkeypatch.setattr(ectfast.core.pdm, "MAX_FILE_BYTES", 10_000)
     with pytest.raises(ValueError, match=r"bytes unpacked; a PDM file holds 6 arrays of at most 10000"):
         PDM.load(tmp_path / "m.npz")
 
@@ -194,14 +194,14 @@ def test_default_pdm_is_the_300w_model():
     assert (pdm.n_landmarks, pdm.n_components) == (68, 30)
     # DESIGN.md: noise variance ~1.0 with 30 of 132 kept
     assert 0.7 < pdm.noise_variance < 1.5
-    assert os.path.getsize(ectfast.pdm.DEFAULT_PDM_PATH) < 300_000
+    assert os.path.getsize(ectfast.core.pdm.DEFAULT_PDM_PATH) < 300_000
     # the first mode dominates (head pose / face shape), eigenvalues decrease
     assert pdm.eigenvalues[0] > 1000 and np.all(np.diff(pdm.eigenvalues) <= 0)
 
 
 def test_shipped_pdm_is_reproducible_from_the_data(data_dir):
-    from ectfast.datasets import TRAIN_SUBSETS, find_faces
-    from ectfast.pts import read_pts
+    from ectfast.io.datasets import TRAIN_SUBSETS, find_faces
+    from ectfast.io.pts import read_pts
 
     paths = [pts for sub in TRAIN_SUBSETS for _, pts in find_faces(data_dir / "300w" / sub)]
     assert len(paths) == 2012

@@ -3,7 +3,7 @@ import re
 import numpy as np
 import pytest
 
-from ectfast.pts import format_pts, parse_pts, read_pts, write_pts
+from ectfast.io.pts import format_pts, parse_pts, read_pts, write_pts
 
 STANDARD = """version: 1
 n_points:  3
@@ -65,7 +65,7 @@ def test_format_rejects_bad_points():
 
 
 def test_reads_real_300w_files(data_dir):
-    from ectfast.datasets import find_faces
+    from ectfast.io.datasets import find_faces
 
     faces = find_faces(data_dir / "300w" / "lfpw" / "testset")
     assert len(faces) == 224
@@ -91,11 +91,11 @@ def test_missing_file_and_folder_name_the_path(tmp_path):
 
 
 def test_huge_file_is_refused(tmp_path, monkeypatch):
-    import ectfast.pts
+    import ectfast.io.pts
 
     p = tmp_path / "big.pts"
     p.write_text("1 2\n" * 100)
-    monkeypatch.setattr(ectfast.pts, "MAX_FILE_BYTES", 64)
+    monkeypatch.setattr(ectfast.io.pts, "MAX_FILE_BYTES", 64)
     with pytest.raises(ValueError, match=r"big\.pts: 400 bytes is too large for a \.pts file \(at most 64\)"):
         read_pts(p)
 

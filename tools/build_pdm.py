@@ -9,9 +9,9 @@ import sys
 
 import numpy as np
 
-from ectfast.pdm import PDM
-from ectfast.datasets import TRAIN_SUBSETS, find_faces
-from ectfast.pts import read_pts
+from ectfast.core.pdm import PDM
+from ectfast.io.datasets import TRAIN_SUBSETS, find_faces
+from ectfast.io.pts import read_pts
 
 
 def main(root, out, n_components=30):

@@ -106,11 +106,11 @@ if has build; then
 fi
 # use the source tree when the package is not installed (or the .so was copied there)
 RUN_ENV=()
-if ! (cd /tmp && "$PY" -c "import ectfast._core" 2>/dev/null); then
+if ! (cd /tmp && "$PY" -c "import ectfast.core._core" 2>/dev/null); then
   RUN_ENV=(env "PYTHONPATH=$PWD/python")
 fi
-BACKENDS=$("${RUN_ENV[@]}" "$PY" -c "import ectfast, ectfast._core as c; print(' '.join(ectfast.backends()), '| devices', c.cuda_device_count(), '| cuda_built', c.cuda_built, '|', ectfast.__file__)" 2>>"$OUT/env.log")
-note "backends: ${BACKENDS:-none (ectfast._core does not import; see env.log)}"
+BACKENDS=$("${RUN_ENV[@]}" "$PY" -c "import ectfast, ectfast.core._core as c; print(' '.join(ectfast.backends()), '| devices', c.cuda_device_count(), '| cuda_built', c.cuda_built, '|', ectfast.__file__)" 2>>"$OUT/env.log")
+note "backends: ${BACKENDS:-none (ectfast.core._core does not import; see env.log)}"
 GPU_OK=0
 if [[ " $BACKENDS " == *" cuda "* ]]; then
   GPU_OK=1

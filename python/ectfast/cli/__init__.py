@@ -11,11 +11,11 @@ import sys
 
 #: sub-command -> (module, one-line help)
 COMMANDS = {
-    "detect": ("ectfast.detector", "detect faces and 68 landmarks in images, draw them and write JSON"),
-    "eval": ("ectfast.evaluate", "evaluate on a 300-W-layout folder: NME, failure rate, AUC, CED plot"),
-    "train": ("ectfast.train", "train the FCN on 300-W-layout folders (checkpoints, resume)"),
-    "export-onnx": ("ectfast.export", "export the FCN to ONNX"),
-    "bench": ("ectfast.benchmark", "throughput of the fit backends on synthetic maps"),
+    "detect": ("ectfast.app.detector", "detect faces and 68 landmarks in images, draw them and write JSON"),
+    "eval": ("ectfast.app.evaluate", "evaluate on a 300-W-layout folder: NME, failure rate, AUC, CED plot"),
+    "train": ("ectfast.nets.train", "train the FCN on 300-W-layout folders (checkpoints, resume)"),
+    "export-onnx": ("ectfast.nets.export", "export the FCN to ONNX"),
+    "bench": ("ectfast.app.benchmark", "throughput of the fit backends on synthetic maps"),
 }
 
 
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from . import __version__
+    from ectfast import __version__
 
     return __version__
 

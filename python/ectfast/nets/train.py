@@ -1,7 +1,7 @@
 """Training the estimation networks on 300-W (``ectfast train``; DESIGN.md "FCN" and
 "Estimation network sized for CPU").
 
-Architectures (``--arch``, ``ectfast.model``): ``lite`` (default, 128 x 128 in, 32 x 32 maps) and
+Architectures (``--arch``, ``ectfast.nets.model``): ``lite`` (default, 128 x 128 in, 32 x 32 maps) and
 ``paper`` (the 93 GFLOP FCN). Landmarks and targets live in the fit's 256 frame: training crops
 are warped at 256 (``warp_torch``) and averaged 2 x 2 to the lite net's 128 input, exactly as the
 detector resizes its 256 crops; every network output gets a target at its own resolution
@@ -29,13 +29,13 @@ atomically every ``--ckpt-every`` steps, when ``--max-minutes`` is reached and a
 run stopped by a time limit resumes with ``--resume`` at the same step with the same batches
 (bit-identical on CPU; on CUDA up to cuDNN's non-determinism).
 
-``OUT/light.pt`` is the shipped-weights format (fp16, checksum, ``ectfast.model.read_weights``)
+``OUT/light.pt`` is the shipped-weights format (fp16, checksum, ``ectfast.nets.model.read_weights``)
 plus the training position: small enough (about 20 MB) to carry between machines. Resuming from
 it alone (no ``last.pt``) is a *warm* resume: same step, data order and schedule, but fresh
 optimizer moments and fp16-rounded weights.
 
 Validation: every ``--val-every`` steps (default: each epoch), NME (inter-ocular: outer eye
-corners 36 and 45) of the sub-pixel peaks (``ectfast.peaks``, DARK) of the final maps on
+corners 36 and 45) of the sub-pixel peaks (``ectfast.core.peaks``, DARK) of the final maps on
 ``--holdout`` training faces held out of training (default 150; the LFPW test faces are never
 seen: ``--holdout 0`` validates on lfpw/testset as before), face boxes from the landmarks. The best model goes to
 ``OUT/best.pt``; ``--export-weights FILE`` writes it (or the last model when no validation ran)
@@ -57,11 +57,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data as D
-from .datasets import TRAIN_SUBSETS, VALIDATION_SUBSETS
-from . import model as netmod
-from .model import count_parameters, read_weights, save_weights
-from .peaks import subpixel_peaks
+from ectfast.nets import data as D
+from ectfast.io.datasets import TRAIN_SUBSETS, VALIDATION_SUBSETS
+from ectfast.nets import model as netmod
+from ectfast.nets.model import count_parameters, read_weights, save_weights
+from ectfast.core.peaks import subpixel_peaks
 
 CKPT_FORMAT = "ectfast-fcn-checkpoint"
 #: settings that fix the run's data order and schedule: a resume must keep them
@@ -507,7 +507,7 @@ def train(data=None, out="runs/fcn", *, arch=None, loss=None, holdout=None, minu
           augment=True, progress=True, export_weights=None, workers=4,
           train_set: Optional[D.CropSet] = None, val_set: Optional[D.CropSet] = None) -> dict:
     """Train (or resume) the FCN; returns a summary dict. Data: ``packed`` (a file from
-    ``python -m ectfast.data pack``), else ``data`` (a 300-W root: TRAIN_SUBSETS for training,
+    ``python -m ectfast.nets.data pack``), else ``data`` (a 300-W root: TRAIN_SUBSETS for training,
     lfpw/testset for validation), else ``train_set``/``val_set`` CropSets. Settings left None
     come from the checkpoint when resuming, else DEFAULTS."""
     t0 = time.monotonic()
@@ -588,7 +588,7 @@ def train(data=None, out="runs/fcn", *, arch=None, loss=None, holdout=None, minu
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="300-W root folder (afw/, helen/trainset/, lfpw/trainset/, lfpw/testset/)")
-    p.add_argument("--packed", help="packed crops (.npz from `python -m ectfast.data pack`); preferred over --data")
+    p.add_argument("--packed", help="packed crops (.npz from `python -m ectfast.nets.data pack`); preferred over --data")
     p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, summary.json")
     p.add_argument("--arch", default=None, choices=sorted(netmod.ARCHS),
                    help=f"network architecture (default {DEFAULTS['arch']}; 'paper' is the 93 GFLOP FCN)")

@@ -17,9 +17,9 @@ coordinates are 0-based pixel centres everywhere.
 Targets (DESIGN.md)
 -------------------
 At 256: ``M_i(z) = 16 / (sigma sqrt(2 pi)) exp(-|z - x_i|^2 / (2 sigma^2))``, sigma = 6 px
-(``ectfast.synthetic.gaussian_maps``): peak 1.064. At 64, the same map sampled on the 64 grid:
+(``ectfast.core.synthetic.gaussian_maps``): peak 1.064. At 64, the same map sampled on the 64 grid:
 sigma = 1.5 (64-pixels), centre ``(x - 1.5) / 4`` (the x4 upsampling's pixel alignment, see
-``ectfast.model``), and **the same peak 1.064** -- not 16 / (1.5 sqrt(2 pi)) = 4.26 -- so that the
+``ectfast.nets.model``), and **the same peak 1.064** -- not 16 / (1.5 sqrt(2 pi)) = 4.26 -- so that the
 64x64 FusionNet target and its bilinear x4 upsampling agree with the 256x256 target (the three L2
 losses then pull the same way, and the final maps keep the peak that the confidence weights of
 Eq. 15 assume). Landmarks marked invisible get an all-zero map.
@@ -40,10 +40,10 @@ OpenCV for packed data).
 
 Data
 ----
-:func:`load_crops` reads 300-W-layout folders (``ectfast.datasets.find_faces``: the official
+:func:`load_crops` reads 300-W-layout folders (``ectfast.io.datasets.find_faces``: the official
 full-size release and the compact copy) into a :class:`CropSet` (decoded, margin-cropped uint8
 RGB images in memory: the decoded-image cache). :func:`pack` writes the training and validation
-crops into one ``.npz`` of JPEG-encoded crops (``python -m ectfast.data pack --data DIR --out
+crops into one ``.npz`` of JPEG-encoded crops (``python -m ectfast.nets.data pack --data DIR --out
 FILE``; 34 MiB at JPEG quality 85 for the 2012 + 224 faces of the compact copy). Packed files are derived from
 research-only data: keep them in an ignored folder (``.devdata/``), never commit them.
 """
@@ -59,9 +59,9 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .datasets import TRAIN_SUBSETS, VALIDATION_SUBSETS, find_faces
-from .pts import read_pts
-from .synthetic import TARGET_SIGMA_256, gaussian_maps, peak_scale
+from ectfast.io.datasets import TRAIN_SUBSETS, VALIDATION_SUBSETS, find_faces
+from ectfast.io.pts import read_pts
+from ectfast.core.synthetic import TARGET_SIGMA_256, gaussian_maps, peak_scale
 
 N_LANDMARKS = 68
 BOX_SCALE = 1.3
@@ -522,7 +522,7 @@ def load_packed(path, split: str = "train", workers: int = 8) -> CropSet:
     or torchvision where OpenCV is missing)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"packed data not found: {path!r} (make it with `python -m ectfast.data pack`)")
+        raise FileNotFoundError(f"packed data not found: {path!r} (make it with `python -m ectfast.nets.data pack`)")
     try:
         z = np.load(path, allow_pickle=False)
         fmt = str(z["format"])
@@ -608,7 +608,7 @@ class Face300W(_Dataset):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ectfast.data",
+    p = argparse.ArgumentParser(prog="python -m ectfast.nets.data",
                                 description="pack 300-W training/validation crops into one .npz")
     sub = p.add_subparsers(dest="cmd", required=True)
     q = sub.add_parser("pack", help="decode, margin-crop and JPEG-pack the training + validation faces")

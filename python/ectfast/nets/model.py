@@ -11,7 +11,7 @@ arch        input       maps         parameters  GFLOP/face  use
 ==========  ==========  ===========  ==========  ==========  =======================================
 
 (GFLOP = 2 x multiply-adds of the convolutions, :func:`forward_flops`.) Both work in the paper's
-256-pixel frame: a face is cropped to 256 x 256 (``ectfast.data.crop_face``), the lite net sees it
+256-pixel frame: a face is cropped to 256 x 256 (``ectfast.nets.data.crop_face``), the lite net sees it
 averaged 2 x 2 to 128 x 128, and its 32 x 32 maps are fitted with ``ectfast.fit(...,
 upsample=8)`` (map pixel ``i`` sits at ``8 i + 3.5`` of the 256 frame), so the fit's patch sizes,
 rho and the target scale of Eq. 15 are the paper's. The paper FCN's 64 x 64 maps use
@@ -61,11 +61,11 @@ FusionNet (input concat(conv3, conv7) = 384 x 64 x 64)
 UpsampleNet
     ConvTranspose2d(68, 68, kernel 8, stride 4, padding 2, groups 68, no bias), weights fixed
     to the separable bilinear kernel K[j] = 1 - |j - 3.5| / 4 (outer(K, K)), the same kernel as
-    ``ectfast._reference.upsample_matrix(size, 4)``; not trainable (a buffer)  -> up256
+    ``ectfast.core._reference.upsample_matrix(size, 4)``; not trainable (a buffer)  -> up256
 
 Pixel alignment: 64-map pixel i sits at 256-map coordinate 4 i + 1.5 (the align_corners=False
 convention of this upsampling), which is how the 64x64 training targets are placed
-(``ectfast.data.to_map64``).
+(``ectfast.nets.data.to_map64``).
 
 Weights files (``ectfast train --export-weights FILE``): a dict ``{format, version, arch,
 n_landmarks, sha256, meta, state_dict}`` with an fp16 state dict whose checksum is verified
@@ -84,10 +84,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ectfast.assets import asset
+
 N_LANDMARKS = 68
 WEIGHTS_FORMAT = "ectfast-fcn"
 WEIGHTS_VERSION = 1
-DEFAULT_WEIGHTS = os.path.join(os.path.dirname(__file__), "assets", "lite_300w.pt")
+DEFAULT_WEIGHTS = asset("lite_300w.pt")
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 UPSAMPLE_FACTOR = 4

@@ -4,7 +4,7 @@ One small interface over several backends::
 
     from ectfast.faces import detect_faces, crop_box, crop_angle
     faces = detect_faces(image_bgr)               # list[FaceBox], best score first
-    box = crop_box(faces[0])                      # the crop box ectfast.data.box_from_landmarks gives
+    box = crop_box(faces[0])                      # the crop box ectfast.nets.data.box_from_landmarks gives
     angle = crop_angle(faces[0])                  # eye-line angle (radians), 0 without keypoints
 
 Backends (each a class with ``name`` and ``detect(image_bgr) -> list[FaceBox]``):
@@ -39,7 +39,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+from ectfast.assets import ASSETS
 
 # ------------------------------------------------------------------ BlazeFace model description
 
@@ -83,7 +83,7 @@ HAAR_MAX_SIDE = 1280
 
 # ------------------------------------------------------------------ crop calibration
 
-#: Detector box -> crop box (the square box of ectfast.data.box_from_landmarks(landmarks), 1.3 x
+#: Detector box -> crop box (the square box of ectfast.nets.data.box_from_landmarks(landmarks), 1.3 x
 #: the landmarks' larger side). With the detector box centre (cx, cy) and side s = (w + h) / 2,
 #: the crop box is the square of side scale * s centred at (cx + dx * s, cy + dy * s), where
 #: (dx, dy, scale) = CROP_CALIBRATION[detector]. Least-squares fits (fit_crop_calibration) on the
@@ -576,7 +576,7 @@ def _calibration(name: str):
 
 
 def crop_box(facebox: FaceBox, detector_name: Optional[str] = None) -> Tuple[float, float, float, float]:
-    """The square crop box (x0, y0, x1, y1) in the convention of ectfast.data.box_from_landmarks
+    """The square crop box (x0, y0, x1, y1) in the convention of ectfast.nets.data.box_from_landmarks
     (1.3 x the landmarks' larger side, centred on their bounding box) predicted from a detector
     box by the calibration ``CROP_CALIBRATION[detector_name]`` (default: ``facebox.detector``)."""
     name = detector_name if detector_name is not None else facebox.detector

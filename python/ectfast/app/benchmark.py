@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from ._argtypes import bounded_int, unit_float
+from ectfast.app._argtypes import bounded_int, unit_float
 
 
 #: (low, high) of each sized option: the maps are batch x 68 x size^2 float32, so the upper
@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     import ectfast
-    from ectfast import synthetic as sy
+    from ectfast.core import synthetic as sy
 
     for name, v, lo in (("--batch", args.batch, 1), ("--size", args.size, 16), ("--repeat", args.repeat, 1),
                         ("--reference-batch", args.reference_batch, 1)):

@@ -2,7 +2,7 @@
 
 Maps are Gaussian peaks with the FCN training targets' scale (DESIGN.md: peak 16/(sigma sqrt(2 pi)),
 sigma = 6 px at 256, so peak 1.064), centred at given shapes. At other sizes the maps are what the
-network is trained to output there (``ectfast.data.make_targets``): sigma scales with the size
+network is trained to output there (``ectfast.nets.data.make_targets``): sigma scales with the size
 (1.5 px at 64) and the peak stays the 256 target's 1.064 at every size. Controllable corruption:
 
 * ``outlier_fraction``: landmarks whose peak is moved to a false position at least

@@ -2,7 +2,7 @@
 
 NumPy only (no torch). Coordinates are (x, y), 0-based pixel centres. ``factor`` maps a low-
 resolution map's pixel ``i`` to the fit's frame coordinate ``factor * i + (factor - 1) / 2`` (the
-align_corners=False convention of the fixed bilinear upsampling, ``ectfast.data.to_map64``), so
+align_corners=False convention of the fixed bilinear upsampling, ``ectfast.nets.data.to_map64``), so
 ``factor = 256 / map_size`` gives coordinates in the paper's 256-pixel frame.
 
 Sub-pixel refinement (DARK, Zhang et al., CVPR 2020): around the argmax ``m`` of a map ``M``,

@@ -1,5 +1,5 @@
-"""The ``cpu`` backend: the batched ops of :class:`ectfast._reference.ReferenceOps` computed by the
-compiled C++/Eigen core (``ectfast._core.cpu_*``, threaded with std::thread).
+"""The ``cpu`` backend: the batched ops of :class:`ectfast.core._reference.ReferenceOps` computed by the
+compiled C++/Eigen core (``ectfast.core._core.cpu_*``, threaded with std::thread).
 
 Same names, signatures and results (to ~1e-12 px) as the reference. Two differences in *how*:
 
@@ -18,8 +18,8 @@ from typing import Optional
 
 import numpy as np
 
-from . import _core
-from ._reference import ReferenceOps
+from ectfast.core import _core
+from ectfast.core._reference import ReferenceOps
 
 
 class UpsampledMaps:
@@ -81,7 +81,7 @@ class CpuOps(ReferenceOps):
     name = "cpu"
 
     def __init__(self, num_threads: Optional[int] = None, lazy_upsample: bool = True):
-        from .fit import check_num_threads  # the one check of fit's num_threads argument
+        from ectfast.core.fit import check_num_threads  # the one check of fit's num_threads argument
 
         num_threads = check_num_threads(num_threads)
         self.num_threads = 0 if num_threads is None else num_threads

@@ -19,7 +19,8 @@ from typing import Optional
 
 import numpy as np
 
-from .pts import _path_arg  # one home for the path-argument check
+from ectfast.assets import asset
+from ectfast.io.pts import _path_arg  # one home for the path-argument check
 
 FORMAT = "ectfast-pdm"
 VERSION = 1
@@ -337,7 +338,7 @@ def validate_arrays(mean, basis, eigenvalues, noise_variance) -> None:
 
 
 _DEFAULT: Optional[PDM] = None
-DEFAULT_PDM_PATH = os.path.join(os.path.dirname(__file__), "assets", "pdm_300w.npz")
+DEFAULT_PDM_PATH = asset("pdm_300w.npz")
 
 
 def default_pdm() -> PDM:

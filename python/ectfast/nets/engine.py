@@ -33,13 +33,14 @@ from typing import Optional
 
 import numpy as np
 
+from ectfast.assets import asset
+
 ENGINES = ("auto", "onnxruntime", "torch")
 #: the order engine="auto" tries on CPU (measured: ONNX Runtime is faster, bench/RESULTS.md)
 CPU_PREFERENCE = ("onnxruntime", "torch")
 CROP_SIZE = 256
-ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
-DEFAULT_PT = os.path.join(ASSETS, "lite_300w.pt")
-DEFAULT_ONNX = os.path.join(ASSETS, "lite_300w.onnx")
+DEFAULT_PT = asset("lite_300w.pt")
+DEFAULT_ONNX = asset("lite_300w.onnx")
 #: metadata_props key of the ONNX file, and the format tag inside its JSON value
 META_KEY = "ectfast"
 ONNX_FORMAT = "ectfast-onnx"
@@ -243,7 +244,7 @@ class OnnxEstimator:
 
 
 class TorchEstimator:
-    """The estimation network run by PyTorch from a ``.pt`` weights file (``ectfast.model``).
+    """The estimation network run by PyTorch from a ``.pt`` weights file (``ectfast.nets.model``).
     Maps stay on the GPU when the model runs there (ectfast.fit's cuda backend takes them)."""
 
     engine = "torch"
@@ -256,11 +257,11 @@ class TorchEstimator:
         elif device.startswith("cuda"):
             _torch_cuda_check(torch, device)
         try:
-            from . import model
+            from ectfast.nets import model
         except ModuleNotFoundError as e:
-            if e.name not in ("ectfast.model", "ectfast"):
+            if e.name not in ("ectfast.nets.model", "ectfast"):
                 raise
-            raise ImportError("the network module ectfast.model is missing from this installation") from None
+            raise ImportError("the network module ectfast.nets.model is missing from this installation") from None
         if threads:
             torch.set_num_threads(int(threads))
         self.torch = torch
@@ -401,7 +402,7 @@ def _converted(weights, device, threads) -> OnnxEstimator:
     import tempfile
 
     _torch()
-    from . import export
+    from ectfast.nets import export
 
     with tempfile.TemporaryDirectory(prefix="ectfast-onnx-") as tmp:
         path = os.path.join(tmp, "net.onnx")

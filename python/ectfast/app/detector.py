@@ -4,11 +4,11 @@ The pipeline, for a batch of images:
 
 1. faces: the face-detector layer :mod:`ectfast.faces` (BlazeFace by default, Haar as a
    fallback), a callable, or boxes the caller passes. Each detection becomes a crop box in the
-   convention of :func:`ectfast.data.box_from_landmarks` (``faces.crop_box``) and, where the
+   convention of :func:`ectfast.nets.data.box_from_landmarks` (``faces.crop_box``) and, where the
    detector gives eye keypoints, an eye-line angle (``faces.crop_angle``);
 2. crops: every face of every image cropped to 256 x 256 by one 2x3 affine (image -> crop) that
    scales the box to the crop and rotates the eye line level;
-3. estimation: the network (``ectfast.engine``: ONNX Runtime or PyTorch) on batches of crops ->
+3. estimation: the network (``ectfast.nets.engine``: ONNX Runtime or PyTorch) on batches of crops ->
    68 response maps each;
 4. :func:`ectfast.fit` (ECT by default) on the same batches -> landmarks, confidence,
    visibility, in crop pixels;
@@ -45,9 +45,10 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import engine as E
-from ._argtypes import positive_int, unit_float
-from .fit import METHODS
+from ectfast.assets import asset
+from ectfast.nets import engine as E
+from ectfast.app._argtypes import positive_int, unit_float
+from ectfast.core.fit import METHODS
 
 CROP_SIZE = 256
 #: the smallest image side a face can be found in (the smallest window of the face detectors)
@@ -81,11 +82,11 @@ _DATA_NAMES = ("box_from_landmarks", "crop_face")
 
 
 def _data():
-    """ectfast.data (face boxes and crops), checked for the functions the pipeline needs."""
-    mod = importlib.import_module("ectfast.data")
+    """ectfast.nets.data (face boxes and crops), checked for the functions the pipeline needs."""
+    mod = importlib.import_module("ectfast.nets.data")
     missing = [n for n in _DATA_NAMES if not hasattr(mod, n)]
     if missing:
-        raise ImportError(f"ectfast.data does not provide {', '.join(missing)} (the face-cropping "
+        raise ImportError(f"ectfast.nets.data does not provide {', '.join(missing)} (the face-cropping "
                           "module is missing from this installation)")
     return mod
 
@@ -438,7 +439,7 @@ def haar_faces(image_bgr: np.ndarray) -> np.ndarray:
 
 
 def haar_to_box(haar_box) -> np.ndarray:
-    """A Haar box (x, y, w, h) -> the crop box (x0, y0, x1, y1) of ectfast.data.box_from_landmarks,
+    """A Haar box (x, y, w, h) -> the crop box (x0, y0, x1, y1) of ectfast.nets.data.box_from_landmarks,
     through the calibrated landmark box (HAAR_DX, HAAR_DY, HAAR_SW, HAAR_SH)."""
     x, y, w, h = (float(v) for v in haar_box)
     cx, cy = x + w / 2 + HAAR_DX * w, y + h / 2 + HAAR_DY * w
@@ -493,7 +494,7 @@ def resolve_device(device: str) -> str:
 
 
 def make_estimator(weights=None, device: str = "auto", engine: str = "auto", threads: Optional[int] = None):
-    """The network as an estimator (:func:`ectfast.engine.make_estimator`)."""
+    """The network as an estimator (:func:`ectfast.nets.engine.make_estimator`)."""
     return E.make_estimator(weights, device, engine, threads)
 
 
@@ -544,7 +545,7 @@ def crops_to_input(crops_bgr: Sequence[np.ndarray], size: Optional[int] = None) 
 
 def crop_affine(box, angle: float = 0.0, size: int = CROP_SIZE) -> np.ndarray:
     """The 2x3 affine image -> crop of the square ``size`` crop of ``box`` (x0, y0, x1, y1, the
-    convention of ectfast.data.crop_transform: the box centre at the crop centre, its larger side
+    convention of ectfast.nets.data.crop_transform: the box centre at the crop centre, its larger side
     spanning the crop), rotated by -``angle`` (radians, image y down) about the box centre, so
     that a line at ``angle`` in the image (the eye line) is level in the crop."""
     b = np.asarray(box, dtype=np.float64).reshape(4)
@@ -571,7 +572,7 @@ def crop_faces(images_bgr: Sequence[np.ndarray], image_index: Sequence[int], box
     crops, Ms = [], []
     angles = np.zeros(len(boxes)) if angles is None else np.asarray(angles, dtype=np.float64).reshape(-1)
     for i, box, a in zip(image_index, boxes, angles):
-        if a == 0.0:  # exactly the training crops' transform (ectfast.data.crop_face)
+        if a == 0.0:  # exactly the training crops' transform (ectfast.nets.data.crop_face)
             crop, M = data.crop_face(images_bgr[i], tuple(float(v) for v in box), size=CROP_SIZE)
         else:
             M = crop_affine(box, float(a))
@@ -606,8 +607,8 @@ def run_pipeline(estimator: Callable, crops_bgr: Sequence[np.ndarray], Ms: np.nd
 
     Returns {method: {"landmarks": (k, n, 2) image px, "crop_landmarks": (k, n, 2),
     "confidence": (k, n), "visible": (k, n) bool}}."""
-    from . import _dispatch
-    from .fit import fit
+    from ectfast.core import _dispatch
+    from ectfast.core.fit import fit
 
     k = len(crops_bgr)
     out = {m: {"crop_landmarks": [], "confidence": [], "visible": []} for m in methods}
@@ -648,7 +649,7 @@ def run_pipeline(estimator: Callable, crops_bgr: Sequence[np.ndarray], Ms: np.nd
 class Face:
     """One detected face. Coordinates are (x, y) image pixels, 0-based pixel centres."""
 
-    box: np.ndarray  #: (4,) crop box (x0, y0, x1, y1), the convention of ectfast.data.box_from_landmarks
+    box: np.ndarray  #: (4,) crop box (x0, y0, x1, y1), the convention of ectfast.nets.data.box_from_landmarks
     landmarks: np.ndarray  #: (68, 2)
     confidence: np.ndarray  #: (68,) in [0, 1]
     visible: np.ndarray  #: (68,) bool: confidence >= the visibility threshold
@@ -765,7 +766,7 @@ class Detector:
     """Faces and their 68 landmarks in images: face boxes -> 256 x 256 crops -> network -> ECT fit.
 
     engine: the network's inference engine, 'auto' (ONNX Runtime on CPU where the ONNX file
-        exists, else PyTorch), 'onnxruntime' or 'torch' (``ectfast.engine``).
+        exists, else PyTorch), 'onnxruntime' or 'torch' (``ectfast.nets.engine``).
     device: where the network runs ('auto', 'cpu', 'cuda', 'cuda:N'; ValueError when a CUDA
         device is asked for and not usable).
     backend: ectfast.fit's backend ("auto", "reference", "cpu", "cuda").
@@ -775,7 +776,7 @@ class Detector:
     face_detector: 'auto' (``ectfast.faces.default_detector()``: BlazeFace, falling back to
         Haar), a detector name of ``ectfast.faces.make_detector`` ('blazeface-short', 'haar', ...),
         a detector object (``detect(image) -> list[FaceBox]``), a callable image_bgr -> (k, 4)
-        crop boxes (x0, y0, x1, y1) in the convention of ectfast.data.box_from_landmarks (or a
+        crop boxes (x0, y0, x1, y1) in the convention of ectfast.nets.data.box_from_landmarks (or a
         list of FaceBox), or None (then every detect() call must pass boxes).
     align: rotate each crop by the detector's eye line (``ectfast.faces.crop_angle``).
     method: the ectfast.fit method ("ect", or an ablation variant). batch_size: faces per network
@@ -789,8 +790,8 @@ class Detector:
                  face_detector="auto", *, engine: str = "auto", align: bool = True, method: str = "ect",
                  pdm=None, batch_size: int = 16, visibility_threshold: Optional[float] = None,
                  fit_options: Optional[dict] = None, threads: Optional[int] = None):
-        from . import _dispatch
-        from .pdm import PDM, default_pdm
+        from ectfast.core import _dispatch
+        from ectfast.core.pdm import PDM, default_pdm
 
         if method not in METHODS:
             raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
@@ -917,7 +918,7 @@ class Detector:
         images: one image (array or path) or a list of them / an (N, H, W, C) array. Arrays are
             BGR as OpenCV gives them; ``rgb=True`` says they are RGB (RGBA for 4 channels).
         boxes: optional face boxes (x0, y0, x1, y1) in the convention of
-            ectfast.data.box_from_landmarks: for one image a (k, 4) array; for a batch a list with
+            ectfast.nets.data.box_from_landmarks: for one image a (k, 4) array; for a batch a list with
             one (k, 4) array or None (= detect the faces) per image. Passed boxes are not rotated.
         Returns a list of :class:`Face` for one image, a list of such lists for a batch (an
         image without a face gives an empty list). Raises ValueError/TypeError naming the image
@@ -1095,7 +1096,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_OUTPUT = 3
 EXIT_INTERRUPTED = 130
-EXAMPLE_IMAGE = os.path.join(E.ASSETS, "einstein.jpg")
+EXAMPLE_IMAGE = asset("einstein.jpg")
 EXAMPLE_OUT = "ectfast-example"
 DEFAULT_OUT = "ectfast-detect"
 
@@ -1339,7 +1340,7 @@ def _jsonl_done(path: str) -> set:
 
 
 def _record(det: Detector, r: ImageResult, annotated: Optional[str]) -> dict:
-    from . import __version__
+    from ectfast import __version__
 
     doc = {"image": r.path, "width": int(r.width), "height": int(r.height)}
     if r.scale != 1.0:

@@ -2,7 +2,7 @@
 
 Every ``NAME.<image>`` + ``NAME.pts`` pair under the folder (any depth) is one face:
 
-1. face box: by default from the ground-truth landmarks, ``ectfast.data.box_from_landmarks``
+1. face box: by default from the ground-truth landmarks, ``ectfast.nets.data.box_from_landmarks``
    (the paper's protocol: faces cropped around their annotation, so the numbers measure the
    landmark detector, not the face detector); with ``boxes="detector"`` from the face
    detector (``ectfast.faces``: BlazeFace, Haar fallback) mapped to the crop convention by
@@ -10,7 +10,7 @@ Every ``NAME.<image>`` + ``NAME.pts`` pair under the folder (any depth) is one f
    misses falls back to the landmark box and is counted in ``detector_missed``);
 2. the face is cropped to 256 x 256, the estimator (the FCN) runs **once** per face, and
    ``ectfast.fit`` runs every requested method on the same response maps;
-3. landmarks are mapped back to image pixels and compared with the .pts (ectfast.metrics):
+3. landmarks are mapped back to image pixels and compared with the .pts (ectfast.core.metrics):
    NME (inter-pupil, inter-ocular, box), failure rate at 0.08 / 0.10, AUC of the CED up to 0.08,
    MAPE in pixels; with occlusion labels, precision / recall of occlusion prediction.
 
@@ -36,8 +36,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import metrics
-from .fit import METHODS
+from ectfast.core import metrics
+from ectfast.core.fit import METHODS
 
 #: the order of methods in tables and plots
 METHOD_ORDER = ("crm", "crm-pdm", "crm-clm", "crm-clm-c", "ect")
@@ -127,15 +127,15 @@ def evaluate(data, *, methods="all", boxes: str = "landmarks", estimator: Option
     methods: "all" or a list of ectfast.fit methods. boxes: "landmarks" or "detector".
     estimator: a callable crops (B, 3, 256, 256) float32 RGB [0, 1] -> maps (B, 68, h, h); None
     loads the network (``weights``, or the shipped one: FileNotFoundError when there is none) on
-    ``device`` with ``engine`` ('auto', 'onnxruntime', 'torch'; ectfast.engine). backend:
+    ``device`` with ``engine`` ('auto', 'onnxruntime', 'torch'; ectfast.nets.engine). backend:
     ectfast.fit's backend. out: folder for the tables and the CED plot (None: write nothing). norm: the NME that the failure rate, AUC and CED use.
     """
     import cv2
 
-    from . import detector as D
-    from .datasets import find_faces
-    from .pdm import default_pdm
-    from .pts import read_pts
+    from ectfast.app import detector as D
+    from ectfast.io.datasets import find_faces
+    from ectfast.core.pdm import default_pdm
+    from ectfast.io.pts import read_pts
 
     methods = parse_methods(methods)
     if boxes not in ("landmarks", "detector"):
@@ -148,7 +148,7 @@ def evaluate(data, *, methods="all", boxes: str = "landmarks", estimator: Option
         raise ValueError(f"data: no NAME.<image> + NAME.pts pairs found under {os.fspath(data)!r}")
     data_mod = D._data()
     if boxes == "detector":
-        from . import faces as face_layer
+        from ectfast import faces as face_layer
 
         face_detector = face_layer.default_detector()
     if estimator is None:
@@ -373,9 +373,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="read NAME.occ (one 0/1 per landmark, 1 = occluded) and report occlusion precision/recall")
     p.add_argument("--norm", default="inter-ocular", choices=metrics.NORMALIZATIONS,
                    help="NME used for failure rate, AUC and CED (all three NMEs are always reported)")
-    from ._argtypes import unit_float
-    from .detector import device_arg
-    from .engine import ENGINES
+    from ectfast.app._argtypes import unit_float
+    from ectfast.app.detector import device_arg
+    from ectfast.nets.engine import ENGINES
 
     p.add_argument("--weights", default=None, metavar="PATH",
                    help="the network: a .onnx or .pt file (default: the shipped one)")
@@ -394,7 +394,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args, *, estimator=None) -> int:
     """``ectfast eval``; ``estimator`` (Python callers and tests only) replaces the FCN."""
-    from .detector import NO_WEIGHTS_MESSAGE
+    from ectfast.app.detector import NO_WEIGHTS_MESSAGE
 
     def say(msg):
         print(f"ectfast eval: {msg}", file=sys.stderr)

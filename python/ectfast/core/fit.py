@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .pdm import PDM, default_pdm
+from ectfast.core.pdm import PDM, default_pdm
 
 METHODS = ("crm", "crm-pdm", "crm-clm", "crm-clm-c", "ect")
 DEFAULT_PATCH_SIZES = (30, 30, 30, 20, 20)
@@ -275,7 +275,7 @@ def fit(response_maps, pdm: Optional[PDM] = None, *, method: str = "ect", iterat
     a ValueError (TypeError for a wrong kind of maps or PDM) whose message begins with the
     argument's name and states the limit.
     """
-    from . import _dispatch
+    from ectfast.core import _dispatch
 
     if pdm is None:
         pdm = default_pdm()

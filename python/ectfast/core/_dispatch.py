@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from ._reference import ReferenceOps
+from ectfast.core._reference import ReferenceOps
 
 
 _CORE_ERROR: Optional[str] = None
@@ -14,7 +14,7 @@ def _core():
     kept: :func:`core_error`)."""
     global _CORE_ERROR
     try:
-        from . import _core  # the compiled extension
+        from ectfast.core import _core  # the compiled extension
     except ImportError as e:
         _CORE_ERROR = f"{type(e).__name__}: {e}"
         return None
@@ -63,9 +63,9 @@ def get_ops(name: str = "auto", *, on_device: bool = False, num_threads: Optiona
     if name == "reference":
         return ReferenceOps()
     if name == "cpu":
-        from ._cpu import CpuOps
+        from ectfast.core._cpu import CpuOps
 
         return CpuOps(num_threads=num_threads)
-    from ._cuda import CudaOps
+    from ectfast.core._cuda import CudaOps
 
     return CudaOps()

@@ -1,6 +1,6 @@
 """The cuda backend: ``ectfast.fit``'s batched operations as device kernels (src/cuda).
 
-``CudaOps`` implements the same operations as :class:`ectfast._reference.ReferenceOps`, on the
+``CudaOps`` implements the same operations as :class:`ectfast.core._reference.ReferenceOps`, on the
 caller's device arrays: a torch CUDA tensor, a CuPy array, or any other ``__dlpack__`` producer
 on a CUDA device (imported zero-copy through torch, else CuPy). Every kernel is queued on the
 caller's *current stream* (``torch.cuda.current_stream()`` / CuPy's current stream) and the
@@ -35,7 +35,7 @@ from typing import Optional
 
 import numpy as np
 
-from ._reference import ReferenceOps
+from ectfast.core._reference import ReferenceOps
 
 MAP_DTYPES = ("float32", "float16", "bfloat16", "float64")
 MAX_UPSAMPLE = 16
@@ -43,7 +43,7 @@ _MODE_CONFIDENCE, _MODE_WEIGHTED, _MODE_UNWEIGHTED = 0, 1, 2
 
 
 def _core():
-    from . import _core
+    from ectfast.core import _core
 
     if not getattr(_core, "cuda_built", False):
         raise ValueError("backend: 'cuda' is not available here: ectfast was built without CUDA")
@@ -398,7 +398,7 @@ def fit_fused(response_maps, pdm=None, *, method: str = "ect", iterations: int =
     """
     import sys
 
-    from .pdm import PDM, default_pdm
+    from ectfast.core.pdm import PDM, default_pdm
 
     _fit = sys.modules[__package__ + ".fit"]  # the module (ectfast.fit is also the function's name)
 

@@ -1,5 +1,5 @@
 """``ectfast export-onnx``: the estimation network as an ONNX file that ONNX Runtime runs without
-torch (``ectfast.engine.OnnxEstimator``).
+torch (``ectfast.nets.engine.OnnxEstimator``).
 
 The graph: input ``image`` (B, 3, S, S) float32 RGB in [0, 1] at the network's own input size S
 (128 for ``lite``, 256 for ``paper``; normalised inside, as the PyTorch model), outputs
@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import engine as E
-from .model import ARCHS, DEFAULT_ARCH, build, load_pretrained, read_weights
+from ectfast.nets import engine as E
+from ectfast.nets.model import ARCHS, DEFAULT_ARCH, build, load_pretrained, read_weights
 
 TOLERANCE = 1e-3
 
@@ -87,7 +87,7 @@ def _json_meta(meta: dict) -> dict:
 
 
 def export_onnx(model, path, size=None, dynamic_batch: bool = True, opset: int = 17, metadata=None) -> str:
-    """Write ``model`` (a network of ectfast.model) as ONNX to ``path`` with the ``ectfast``
+    """Write ``model`` (a network of ectfast.nets.model) as ONNX to ``path`` with the ``ectfast``
     metadata (``metadata``: extra fields); returns the path."""
     try:
         import onnx
