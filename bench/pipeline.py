@@ -38,7 +38,7 @@ DEFAULT_IMAGES = [os.path.join(DATA, "300w", "lfpw", "testset"), os.path.join(DA
 
 
 def list_images(folders, limit):
-    from ectfast.app.detector import IMAGE_EXTENSIONS
+    from ectfast.io.images import IMAGE_EXTENSIONS
 
     out = []
     for f in folders:
@@ -104,13 +104,14 @@ def run_ectfast(det, paths, repeat, workers):
 def stage_breakdown(det, paths, n=40):
     """ms per image (read, face search) and per face (crop, network, fit), sequential."""
     from ectfast.app import detector as D
+    from ectfast.io import images
 
     t = {"read": 0.0, "faces": 0.0, "crop": 0.0, "network": 0.0, "fit": 0.0}
     crops_all, Ms_all = [], []
     paths = paths[:n]
     for p in paths:
         t0 = time.perf_counter()
-        img = D.read_image(p).image
+        img = images.read_image(p).image
         t1 = time.perf_counter()
         boxes, angles, _ = det.find_faces_full(img)
         t2 = time.perf_counter()

@@ -14,6 +14,8 @@ import pytest
 
 from ectfast import cli
 from ectfast.app import detector as D
+from ectfast.cli import detect as detect_cmd
+from ectfast.io import images
 from ectfast.core.synthetic import gaussian_maps, peak_scale
 
 from _e2e_helpers import ect_data, template_shape  # noqa: F401
@@ -137,8 +139,8 @@ def test_each_bad_file_is_one_clear_line(name, tmp_path, fake, capfd):
     bad.write_bytes(make())
     good = tmp_path / "in" / "good.png"
     good.write_bytes(_png(_noise(64, 64, seed=1)))
-    with pytest.raises(D.ImageError, match=words.replace("(", r"\(").replace(")", r"\)")):
-        D.read_image(bad)
+    with pytest.raises(images.ImageError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        images.read_image(bad)
     rc = cli.main(["detect", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--no-progress"])
     out, err = capfd.readouterr()  # file-descriptor level: the C libraries' own stderr too
     assert rc == 1
@@ -196,7 +198,7 @@ def test_huge_jpeg_is_decoded_reduced_in_bounded_memory(tmp_path):
     p.write_bytes(big_jpeg())
     code = textwrap.dedent(f"""
         import resource
-        from ectfast.app.detector import read_image
+        from ectfast.io.images import read_image
         r = read_image({str(p)!r})
         print(r.image.shape, r.scale, r.width, r.height, int(r.image.mean()))
         print("maxrss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
@@ -343,7 +345,7 @@ def test_unwritable_output_is_its_own_failure(tmp_path, fake, capfd):
 
 
 def test_example_photograph(tmp_path, fake, capfd, monkeypatch):
-    assert os.path.isfile(D.EXAMPLE_IMAGE)
+    assert os.path.isfile(detect_cmd.EXAMPLE_IMAGE)
     out = tmp_path / "ex"
     rc = cli.main(["detect", "--example", "--out", str(out), "--no-progress"])
     so, err = capfd.readouterr()
@@ -376,6 +378,6 @@ def test_exif_orientation_gives_the_decoded_size(tmp_path):
     app1 = b"Exif\x00\x00" + tiff
     p = tmp_path / "turned.jpg"
     p.write_bytes(jpg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + jpg[2:])
-    assert D.image_header(p.read_bytes())[1:] == (64, 32)
-    r = D.read_image(p)
+    assert images.image_header(p.read_bytes())[1:] == (64, 32)
+    r = images.read_image(p)
     assert r.image.shape[:2] == (64, 32) and (r.width, r.height, r.scale) == (32, 64, 1.0)

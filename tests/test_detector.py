@@ -8,6 +8,7 @@ import pytest
 
 import ectfast
 from ectfast.app import detector as D
+from ectfast.io import images
 from ectfast.core import metrics
 from ectfast.io.pts import read_pts
 
@@ -92,18 +93,18 @@ def test_images_as_paths_rgb_and_64px_maps(scene, tmp_path, ect_data):
 
 def test_to_bgr_conversions():
     grey = np.arange(30 * 40, dtype=np.uint8).reshape(30, 40)
-    out = D.to_bgr(grey)
+    out = images.to_bgr(grey)
     assert out.shape == (30, 40, 3) and (out == grey[..., None]).all()
-    assert D.to_bgr(grey[..., None]).shape == (30, 40, 3)
+    assert images.to_bgr(grey[..., None]).shape == (30, 40, 3)
     rgb = np.zeros((5, 6, 3), np.uint8)
     rgb[..., 0] = 200  # red in RGB
-    assert D.to_bgr(rgb, rgb=True)[0, 0].tolist() == [0, 0, 200]
-    assert D.to_bgr(rgb)[0, 0].tolist() == [200, 0, 0]
+    assert images.to_bgr(rgb, rgb=True)[0, 0].tolist() == [0, 0, 200]
+    assert images.to_bgr(rgb)[0, 0].tolist() == [200, 0, 0]
     bgra = np.zeros((5, 6, 4), np.uint8)
     bgra[..., 0], bgra[..., 3] = 50, 255
-    assert D.to_bgr(bgra)[0, 0].tolist() == [50, 0, 0]
-    assert D.to_bgr(np.full((4, 4), 0.5))[0, 0].tolist() == [128, 128, 128]
-    assert D.to_bgr(np.full((4, 4), 65535, np.uint16))[0, 0].tolist() == [255, 255, 255]
+    assert images.to_bgr(bgra)[0, 0].tolist() == [50, 0, 0]
+    assert images.to_bgr(np.full((4, 4), 0.5))[0, 0].tolist() == [128, 128, 128]
+    assert images.to_bgr(np.full((4, 4), 65535, np.uint16))[0, 0].tolist() == [255, 255, 255]
 
 
 @pytest.mark.parametrize("image, exc, words", [

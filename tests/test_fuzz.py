@@ -657,7 +657,7 @@ def _small_image(fmt: str) -> bytes:
 def _check_image(fmt, m):
     """The detector's image reader on a mutated small JPEG/PNG: an image (H, W, 3) uint8 or an
     ImageError (ValueError) whose message starts with the path; never a crash or a hang."""
-    from ectfast.app.detector import read_image
+    from ectfast.io.images import read_image
 
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "mutated" + fmt)

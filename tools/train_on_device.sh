@@ -2,7 +2,7 @@
 # Train the FCN on the lent GPU machine, one device call (<= 10 min) at a time; resumable.
 #
 # Before the first call (here, on the development machine; the data must not be committed):
-#   PYTHONPATH=python python -m ectfast.nets.data pack --data ../shared/data/300w --out .devdata/300w_288.npz
+#   PYTHONPATH=python python -m ectfast.cli.pack --data ../shared/data/300w --out .devdata/300w_288.npz
 #       (34 MiB: 2012 training + 224 validation faces as JPEG margin crops; .devdata/ is ignored)
 # Each device call (tool `run`, carry [".devdata/300w_288.npz", ".devdata/ckpt"], timeout_s 600;
 # exact calls and budget: docs/DEVICE_RUNBOOK.md):

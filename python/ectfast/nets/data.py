@@ -43,23 +43,20 @@ Data
 :func:`load_crops` reads 300-W-layout folders (``ectfast.io.datasets.find_faces``: the official
 full-size release and the compact copy) into a :class:`CropSet` (decoded, margin-cropped uint8
 RGB images in memory: the decoded-image cache). :func:`pack` writes the training and validation
-crops into one ``.npz`` of JPEG-encoded crops (``python -m ectfast.nets.data pack --data DIR --out
+crops into one ``.npz`` of JPEG-encoded crops (``python -m ectfast.cli.pack --data DIR --out
 FILE``; 34 MiB at JPEG quality 85 for the 2012 + 224 faces of the compact copy). Packed files are derived from
 research-only data: keep them in an ignored folder (``.devdata/``), never commit them.
 """
 from __future__ import annotations
 
-import argparse
-import math
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ectfast.io.datasets import TRAIN_SUBSETS, VALIDATION_SUBSETS, find_faces
+from ectfast.io.datasets import TRAIN_SUBSETS, find_faces
 from ectfast.io.pts import read_pts
 from ectfast.core.synthetic import TARGET_SIGMA_256, gaussian_maps, peak_scale
 
@@ -522,7 +519,7 @@ def load_packed(path, split: str = "train", workers: int = 8) -> CropSet:
     or torchvision where OpenCV is missing)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"packed data not found: {path!r} (make it with `python -m ectfast.nets.data pack`)")
+        raise FileNotFoundError(f"packed data not found: {path!r} (make it with `python -m ectfast.cli.pack`)")
     try:
         z = np.load(path, allow_pickle=False)
         fmt = str(z["format"])
@@ -602,30 +599,3 @@ class Face300W(_Dataset):
             hi, lo = make_targets(lm2, vis, self.size)
             item["maps"], item["maps64"] = torch.from_numpy(hi[0]), torch.from_numpy(lo[0])
         return item
-
-
-# ------------------------------------------------------------------ command line
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ectfast.nets.data",
-                                description="pack 300-W training/validation crops into one .npz")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    q = sub.add_parser("pack", help="decode, margin-crop and JPEG-pack the training + validation faces")
-    q.add_argument("--data", required=True, help="300-W root (afw/, helen/trainset/, lfpw/...)")
-    q.add_argument("--out", required=True, help="output .npz (keep it in an ignored folder, e.g. .devdata/)")
-    q.add_argument("--stored-size", type=int, default=STORED_SIZE)
-    q.add_argument("--context", type=float, default=CONTEXT)
-    q.add_argument("--quality", type=int, default=85)
-    q.add_argument("--limit", type=int, default=None, help="first N faces of each split (tests)")
-    q.add_argument("--workers", type=int, default=2)
-    a = p.parse_args(argv)
-    train = load_crops(a.data, TRAIN_SUBSETS, a.stored_size, a.context, a.limit, a.workers, progress=True)
-    val = load_crops(a.data, VALIDATION_SUBSETS, a.stored_size, a.context, a.limit, a.workers, progress=True)
-    n = pack(a.out, train, val, a.quality)
-    print(f"packed {len(train)} training + {len(val)} validation faces into {a.out}: {n / 2**20:.1f} MiB")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,6 +6,8 @@ import argparse
 import math
 from typing import Callable, Optional
 
+from ectfast.nets.engine import check_device
+
 
 def unit_float(text: str) -> float:
     """A finite number in [0, 1]."""
@@ -35,3 +37,21 @@ def bounded_int(lo: int, hi: Optional[int] = None) -> Callable[[str], int]:
 
 
 positive_int = bounded_int(1)
+
+
+def megapixels(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of megapixels > 0, got {text!r}") from None
+    if not (math.isfinite(v) and 0 < v <= 4096):
+        raise argparse.ArgumentTypeError(f"expected a number of megapixels in (0, 4096], got {text!r}")
+    return v
+
+
+def device_arg(text: str) -> str:
+    """argparse type of --device: the spelling is checked here (usage error, exit 2)."""
+    try:
+        return check_device(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}") from None

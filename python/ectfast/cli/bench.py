@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from ectfast.app._argtypes import bounded_int, unit_float
+from ectfast.cli._argtypes import bounded_int, unit_float
 
 
 #: (low, high) of each sized option: the maps are batch x 68 x size^2 float32, so the upper
