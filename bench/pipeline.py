@@ -104,6 +104,7 @@ def run_ectfast(det, paths, repeat, workers):
 def stage_breakdown(det, paths, n=40):
     """ms per image (read, face search) and per face (crop, network, fit), sequential."""
     from ectfast.app import detector as D
+    from ectfast.core.arrays import to_numpy
     from ectfast.io import images
 
     t = {"read": 0.0, "faces": 0.0, "crop": 0.0, "network": 0.0, "fit": 0.0}
@@ -128,7 +129,7 @@ def stage_breakdown(det, paths, n=40):
     for s in range(0, k, det.batch_size):
         x = D.crops_to_input(crops_all[s:s + det.batch_size])
         t0 = time.perf_counter()
-        maps = D._host(det.estimator(x))
+        maps = to_numpy(det.estimator(x))
         t1 = time.perf_counter()
         fit(maps, det.pdm, method=det.method, upsample=256 // maps.shape[-1],
             **{**det.estimator.fit_options, **det.fit_options})

@@ -1,9 +1,5 @@
 """Test helpers for the end-to-end pipeline (evaluate, Detector, ectfast detect).
 
-* ``ect_data`` fixture: the face-cropping module ``ectfast.nets.data``. When it is not in this checkout
-  (it is written on another branch), the tests that need it skip with that reason -- unless
-  ECTFAST_DATA_STANDIN=1, which puts the minimal stand-in below in its place (for developing
-  this branch alone; the real module replaces it after the merge).
 * :class:`FiducialEstimator`: a fake FCN that needs no weights. Test images carry three dots of
   pure colours at known landmarks (36, 45, 8) of a template shape; the estimator finds the dots
   in each crop it is given, fits the similarity template -> crop from them, and returns Gaussian
@@ -13,67 +9,13 @@
 """
 from __future__ import annotations
 
-import os
-import sys
-import types
-
 import cv2
 import numpy as np
-import pytest
 
 from ectfast.core.synthetic import TARGET_SIGMA_256, gaussian_maps, make_maps
 
 DOT_LANDMARKS = (36, 45, 8)
 DOT_COLOURS_BGR = ((0, 255, 0), (255, 0, 255), (255, 255, 0))  # green, magenta, cyan
-_NAMES = ("box_from_landmarks", "crop_face")  # what the pipeline uses
-
-
-# ------------------------------------------------------------------ ectfast.nets.data (or a stand-in)
-
-
-def _standin_module():
-    m = types.ModuleType("ectfast.nets.data")
-
-    def box_from_landmarks(pts, scale=1.3):
-        p = np.asarray(pts, float)
-        lo, hi = p.min(0), p.max(0)
-        c, side = (lo + hi) / 2, scale * (hi - lo).max()
-        return (c[0] - side / 2, c[1] - side / 2, c[0] + side / 2, c[1] + side / 2)
-
-    def crop_face(image, box, size=256):
-        x0, y0, x1, y1 = box
-        s = size / (x1 - x0)
-        M = np.array([[s, 0, -x0 * s], [0, s, -y0 * s]])
-        return cv2.warpAffine(image, M, (size, size), flags=cv2.INTER_LINEAR), M
-
-    def transform_points(pts, M):
-        return np.asarray(pts, float) @ np.asarray(M)[:, :2].T + np.asarray(M)[:, 2]
-
-    def invert(M):
-        return cv2.invertAffineTransform(np.asarray(M, float))
-
-    for n in ("box_from_landmarks", "crop_face", "transform_points", "invert"):
-        setattr(m, n, locals()[n])
-    m.__standin__ = True
-    return m
-
-
-@pytest.fixture
-def ect_data(monkeypatch):
-    import importlib
-
-    try:
-        mod = importlib.import_module("ectfast.nets.data")
-        if all(hasattr(mod, n) for n in _NAMES):
-            return mod
-    except ImportError:
-        pass
-    if os.environ.get("ECTFAST_DATA_STANDIN") != "1":
-        pytest.skip("ectfast.nets.data (box_from_landmarks/crop_face, written on the FCN branch) is not in "
-                    "this checkout; set ECTFAST_DATA_STANDIN=1 to use the tests' stand-in")
-    m = _standin_module()
-    monkeypatch.setitem(sys.modules, "ectfast.nets.data", m)
-    return m
 
 
 # ------------------------------------------------------------------ fiducial dots and the fake FCN

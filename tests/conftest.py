@@ -4,6 +4,7 @@
   cleanly where they are absent. Unit tests never need them.
 * ``cuda`` tests skip unless the cuda backend is built and a GPU is present.
 * ``fuzz_long`` tests (>= 10,000 hypothesis examples) run only with ``--run-long-fuzz``.
+* A test module that sets ``TORCH_THREADS = n`` runs with n torch CPU threads (restored after).
 """
 import os
 import pathlib
@@ -29,6 +30,31 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="long fuzz: pass --run-long-fuzz"))
         if "cuda" in item.keywords and not have_cuda:
             item.add_marker(pytest.mark.skip(reason="no CUDA backend/GPU here"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _torch_threads(request):
+    """``TORCH_THREADS`` of the test module, if it sets one: torch's CPU threads while it runs."""
+    n = getattr(request.module, "TORCH_THREADS", None)
+    if n is None:
+        yield
+        return
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
+def no_shipped_network(monkeypatch, tmp_path):
+    """This installation as if it shipped no trained network (the default paths point nowhere)."""
+    from ectfast.nets import engine, model
+
+    monkeypatch.setattr(engine, "DEFAULT_PT", str(tmp_path / "missing.pt"))
+    monkeypatch.setattr(engine, "DEFAULT_ONNX", str(tmp_path / "missing.onnx"))
+    monkeypatch.setattr(model, "DEFAULT_WEIGHTS", str(tmp_path / "missing.pt"))
 
 
 @pytest.fixture(scope="session")

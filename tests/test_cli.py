@@ -11,7 +11,8 @@ from ectfast.core import metrics
 from ectfast.app import detector as D
 from ectfast.io.pts import read_pts, write_pts
 
-from _e2e_helpers import FiducialEstimator, draw_dots, ect_data, synthetic_face, template_shape  # noqa: F401
+from ectfast.nets import data as crops  # noqa: E402
+from _e2e_helpers import FiducialEstimator, draw_dots, synthetic_face, template_shape  # noqa: F401
 
 
 @pytest.fixture
@@ -24,13 +25,13 @@ def fake_fcn(monkeypatch, pdm):
 
 
 @pytest.fixture
-def fake_haar(monkeypatch, ect_data):
+def fake_haar(monkeypatch):
     """Face detectors find no face in drawn cartoons: the default face detector becomes one that
     gives, per image size, the annotation's own crop box."""
     table = {}
 
     def register(img, gt):
-        table[img.shape[:2]] = np.asarray(ect_data.box_from_landmarks(gt), float)[None]
+        table[img.shape[:2]] = np.asarray(crops.box_from_landmarks(gt), float)[None]
 
     def fake(im):
         return table.get(im.shape[:2], np.zeros((0, 4)))
@@ -155,15 +156,7 @@ def test_eval_threshold_nan_is_a_usage_error(tmp_path, capsys):
     assert ei.value.code == 2 and "argument --threshold" in capsys.readouterr().err
 
 
-def _skip_if_shipped():
-    from ectfast.nets import engine
-
-    if os.path.isfile(engine.DEFAULT_PT) or os.path.isfile(engine.DEFAULT_ONNX):
-        pytest.skip("a network is shipped in this installation")
-
-
-def test_detect_without_weights_is_a_clear_message(tmp_path, capsys, ect_data):
-    _skip_if_shipped()
+def test_detect_without_weights_is_a_clear_message(tmp_path, capsys, no_shipped_network):
     img = tmp_path / "x.png"
     cv2.imwrite(str(img), np.zeros((64, 64, 3), np.uint8))
     rc = cli.main(["detect", str(img), "--out", str(tmp_path / "o"), "--device", "cpu"])
@@ -175,7 +168,7 @@ def test_detect_without_weights_is_a_clear_message(tmp_path, capsys, ect_data):
     assert not (tmp_path / "o").exists()
 
 
-def test_eval_cli(tmp_path, fake_fcn, ect_data, capsys):
+def test_eval_cli(tmp_path, fake_fcn, capsys):
     T, est = fake_fcn
     rng = np.random.default_rng(2)
     data = tmp_path / "data" / "lfpw" / "testset"
@@ -195,8 +188,7 @@ def test_eval_cli(tmp_path, fake_fcn, ect_data, capsys):
     assert rc == 2 and "not a folder" in capsys.readouterr().err
 
 
-def test_eval_without_weights_is_a_clear_message(tmp_path, capsys, ect_data, pdm):
-    _skip_if_shipped()
+def test_eval_without_weights_is_a_clear_message(tmp_path, capsys, pdm, no_shipped_network):
     img, gt = synthetic_face(template_shape(pdm), np.random.default_rng(0))
     cv2.imwrite(str(tmp_path / "a.png"), img)
     write_pts(tmp_path / "a.pts", gt)
@@ -207,7 +199,7 @@ def test_eval_without_weights_is_a_clear_message(tmp_path, capsys, ect_data, pdm
 
 
 @pytest.mark.data
-def test_detect_real_photo_with_real_haar(data_dir, tmp_path, monkeypatch, ect_data, capsys):
+def test_detect_real_photo_with_real_haar(data_dir, tmp_path, monkeypatch, capsys):
     folder = data_dir / "faces"
     gt = read_pts(folder / "lenna.pts")
     img = cv2.imread(str(folder / "lenna.png"))

@@ -18,7 +18,7 @@ from ectfast.cli import detect as detect_cmd
 from ectfast.io import images
 from ectfast.core.synthetic import gaussian_maps, peak_scale
 
-from _e2e_helpers import ect_data, template_shape  # noqa: F401
+from _e2e_helpers import template_shape
 
 MAP = 32  # the lite network's maps: fitted with upsample 8
 
@@ -60,7 +60,7 @@ whole_image_box.name = "fake-whole-image"
 
 
 @pytest.fixture
-def fake(monkeypatch, pdm, ect_data):
+def fake(monkeypatch, pdm):
     est = ConstEstimator(template_shape(pdm))
     monkeypatch.setattr(D, "make_estimator", lambda *a, **k: est)
     monkeypatch.setattr(D, "default_face_detector", lambda: whole_image_box)

@@ -12,7 +12,8 @@ from ectfast.io import images
 from ectfast.core import metrics
 from ectfast.io.pts import read_pts
 
-from _e2e_helpers import FiducialEstimator, draw_dots, ect_data, synthetic_face, template_shape  # noqa: F401
+from ectfast.nets import data as crops  # noqa: E402
+from _e2e_helpers import FiducialEstimator, draw_dots, synthetic_face, template_shape  # noqa: F401
 
 
 @pytest.fixture
@@ -27,10 +28,10 @@ def _box(data, gt):
     return np.asarray(data.box_from_landmarks(gt), float)[None]
 
 
-def test_single_image_returns_faces(scene, ect_data):
+def test_single_image_returns_faces(scene):
     T, imgs, gts = scene
     det = ectfast.Detector(estimator=FiducialEstimator(T), method="crm")
-    faces = det.detect(imgs[0], boxes=_box(ect_data, gts[0]))
+    faces = det.detect(imgs[0], boxes=_box(crops, gts[0]))
     assert isinstance(faces, list) and len(faces) == 1
     f = faces[0]
     assert f.landmarks.shape == (68, 2) and f.confidence.shape == (68,) and f.visible.shape == (68,)
@@ -41,32 +42,32 @@ def test_single_image_returns_faces(scene, ect_data):
     assert len(d["landmarks"]) == 68 and len(d["confidence"]) == 68 and len(d["box"]) == 4
 
 
-def test_batch_goes_through_the_estimator_together(scene, ect_data):
+def test_batch_goes_through_the_estimator_together(scene):
     T, imgs, gts = scene
     est = FiducialEstimator(T)
     det = ectfast.Detector(estimator=est, batch_size=16)
-    res = det.detect(imgs, boxes=[_box(ect_data, g) for g in gts])
+    res = det.detect(imgs, boxes=[_box(crops, g) for g in gts])
     assert len(res) == 3 and all(len(r) == 1 for r in res)
     assert est.calls == 1 and est.faces == 3  # one estimator batch for all faces of all images
     for r, g in zip(res, gts):
         assert metrics.nme(r[0].landmarks, g)[0] < 0.01
     est2 = FiducialEstimator(T)
-    res2 = ectfast.Detector(estimator=est2, batch_size=2).detect(imgs, boxes=[_box(ect_data, g) for g in gts])
+    res2 = ectfast.Detector(estimator=est2, batch_size=2).detect(imgs, boxes=[_box(crops, g) for g in gts])
     assert est2.calls == 2 and est2.faces == 3
     for a, b in zip(res, res2):
         np.testing.assert_allclose(a[0].landmarks, b[0].landmarks, atol=1e-9)
     # an (N, H, W, 3) array is a batch too
-    res3 = det.detect(np.stack(imgs), boxes=[_box(ect_data, g) for g in gts])
+    res3 = det.detect(np.stack(imgs), boxes=[_box(crops, g) for g in gts])
     np.testing.assert_allclose(res3[1][0].landmarks, res[1][0].landmarks, atol=1e-9)
 
 
-def test_two_faces_in_one_image_and_a_callable_face_detector(pdm, ect_data):
+def test_two_faces_in_one_image_and_a_callable_face_detector(pdm):
     rng = np.random.default_rng(11)
     T = template_shape(pdm)
     (a, ga), (b, gb) = synthetic_face(T, rng), synthetic_face(T, rng)
     img = np.concatenate([a, b], axis=1)  # side by side: the second face shifted by 320 px
     gb = gb + (320, 0)
-    boxes = np.concatenate([_box(ect_data, ga), _box(ect_data, gb)])
+    boxes = np.concatenate([_box(crops, ga), _box(crops, gb)])
     det = ectfast.Detector(estimator=FiducialEstimator(T), face_detector=lambda im: boxes)
     faces = det.detect(img)
     assert len(faces) == 2
@@ -75,11 +76,11 @@ def test_two_faces_in_one_image_and_a_callable_face_detector(pdm, ect_data):
     np.testing.assert_allclose(faces[1].box, boxes[1])
 
 
-def test_images_as_paths_rgb_and_64px_maps(scene, tmp_path, ect_data):
+def test_images_as_paths_rgb_and_64px_maps(scene, tmp_path):
     T, imgs, gts = scene
     p = tmp_path / "face.png"
     cv2.imwrite(str(p), imgs[0])
-    box = _box(ect_data, gts[0])
+    box = _box(crops, gts[0])
     det = ectfast.Detector(estimator=FiducialEstimator(T, map_size=64))
     from_path = det.detect(str(p), boxes=box)[0].landmarks
     from_pathlib = det.detect(pathlib.Path(p), boxes=box)[0].landmarks
@@ -116,14 +117,14 @@ def test_to_bgr_conversions():
     ([[1, 2], [3, 4]], TypeError, "NumPy"),
     (42, TypeError, "images"),
 ])
-def test_bad_arrays(image, exc, words, pdm, ect_data):
+def test_bad_arrays(image, exc, words, pdm):
     det = ectfast.Detector(estimator=FiducialEstimator(template_shape(pdm)))
     with pytest.raises(exc) as ei:
         det.detect(image if not isinstance(image, list) else [image])
     assert words in str(ei.value)
 
 
-def test_bad_files_tiny_and_faceless_images(tmp_path, pdm, ect_data):
+def test_bad_files_tiny_and_faceless_images(tmp_path, pdm):
     det = ectfast.Detector(estimator=FiducialEstimator(template_shape(pdm), strict=False))
     with pytest.raises(ValueError, match="no such file"):
         det.detect(str(tmp_path / "missing.jpg"))
@@ -140,7 +141,7 @@ def test_bad_files_tiny_and_faceless_images(tmp_path, pdm, ect_data):
     assert (tiny[0].landmarks >= -1).all() and (tiny[0].landmarks <= 12).all()
 
 
-def test_bad_boxes_and_arguments(scene, ect_data, pdm):
+def test_bad_boxes_and_arguments(scene, pdm):
     T, imgs, gts = scene
     det = ectfast.Detector(estimator=FiducialEstimator(T))
     with pytest.raises(ValueError, match="x1 > x0"):
@@ -164,31 +165,28 @@ def test_bad_boxes_and_arguments(scene, ect_data, pdm):
         no_det.detect(imgs[0])
     wrong = ectfast.Detector(estimator=lambda x: np.zeros((len(x), 68, 50, 50), np.float32))
     with pytest.raises(ValueError, match="50 px"):
-        wrong.detect(imgs[0], boxes=_box(ect_data, gts[0]))
+        wrong.detect(imgs[0], boxes=_box(crops, gts[0]))
     wrong_n = ectfast.Detector(estimator=lambda x: np.zeros((len(x) + 1, 68, 64, 64), np.float32))
     with pytest.raises(ValueError, match="estimator"):
-        wrong_n.detect(imgs[0], boxes=_box(ect_data, gts[0]))
+        wrong_n.detect(imgs[0], boxes=_box(crops, gts[0]))
 
 
-def test_no_shipped_weights_is_a_clear_error(ect_data):
-    try:
-        from ectfast.nets import model
-    except ImportError:
-        model = None
-    if model is not None and model.has_pretrained():
-        pytest.skip("weights are shipped in this installation")
-    with pytest.raises((FileNotFoundError, ImportError)) as ei:
+def test_no_shipped_weights_is_a_clear_error(no_shipped_network):
+    with pytest.raises(FileNotFoundError, match="no trained network is available") as ei:
         ectfast.Detector(device="cpu")
-    assert "weights" in str(ei.value) or "ectfast.nets.model" in str(ei.value)
+    assert "--weights" in str(ei.value)
 
 
 def test_haar_cascade_missing_is_clear(monkeypatch):
     import cv2 as _cv2
 
-    monkeypatch.setattr(D, "_CASCADE", None)
+    from ectfast import faces
+
     monkeypatch.setattr(_cv2.data, "haarcascades", "/nonexistent/")
     with pytest.raises(FileNotFoundError, match="haarcascade_frontalface_default.xml"):
-        D.haar_cascade()
+        faces.haar_cascade()
+    with pytest.raises(FileNotFoundError, match="haarcascade_frontalface_default.xml"):
+        D.Detector(face_detector="haar", estimator=lambda crops: None)
 
 
 # ------------------------------------------------------------------ real photographs
@@ -209,13 +207,13 @@ def _photo(data_dir, name):
 
 @pytest.mark.data
 @pytest.mark.parametrize("name", PHOTOS)
-def test_photographs_with_landmark_boxes(data_dir, ect_data, name):
+def test_photographs_with_landmark_boxes(data_dir, name):
     """Crop, transform and back-mapping end to end on real photographs (1920x1080 down to
     150x225, grey einstein included): maps at the ground truth mapped into the crop give back
     the .pts (CRM: argmax quantisation only, measured NME 0.0037..0.0048; ECT: the PDM's fit of
     a real shape, measured 0.013..0.028)."""
     img, gt = _photo(data_dir, name)
-    box = _box(ect_data, gt)
+    box = _box(crops, gt)
     crm = ectfast.Detector(estimator=FiducialEstimator(gt), method="crm").detect(img, boxes=box)
     ect = ectfast.Detector(estimator=FiducialEstimator(gt)).detect(img, boxes=box)
     assert metrics.nme(crm[0].landmarks, gt)[0] < 0.008
@@ -224,7 +222,7 @@ def test_photographs_with_landmark_boxes(data_dir, ect_data, name):
 
 @pytest.mark.data
 @pytest.mark.parametrize("name", ["lenna.png", "takeo.ppm"])
-def test_photographs_with_the_default_face_detector(data_dir, ect_data, name):
+def test_photographs_with_the_default_face_detector(data_dir, name):
     """The default face detector (ectfast.faces; Haar where it is missing) finds the face in lenna
     and takeo, and its calibrated crop gives back the annotation (bounds measured with Haar:
     CRM 0.0105 and 0.0035, ECT 0.021 and 0.014)."""
@@ -235,7 +233,7 @@ def test_photographs_with_the_default_face_detector(data_dir, ect_data, name):
         f = min(faces, key=lambda f: np.linalg.norm(f.landmarks.mean(0) - gt.mean(0)))
         assert metrics.nme(f.landmarks, gt)[0] < bound, method
         # the calibrated Haar box is close to the annotation's own box
-        ref = _box(ect_data, gt)[0]
+        ref = _box(crops, gt)[0]
         side = ref[2] - ref[0]
         assert np.abs(f.box - ref).max() < 0.25 * side
 
@@ -265,12 +263,12 @@ def _tilted_face(T, degrees, size=420):
 
 
 @pytest.mark.parametrize("degrees", [-28.0, 0.0, 17.0])
-def test_tilted_face_crop_is_levelled_by_the_eye_line(pdm, ect_data, degrees):
+def test_tilted_face_crop_is_levelled_by_the_eye_line(pdm, degrees):
     faces_mod = pytest.importorskip("ectfast.faces", reason="the face-detector layer is not installed")
     T = template_shape(pdm)
     img, gt = _tilted_face(T, degrees)
     eyes = np.array([gt[36:42].mean(0), gt[42:48].mean(0)])  # subject's right eye first (image left)
-    box = np.asarray(ect_data.box_from_landmarks(gt), float)
+    box = np.asarray(crops.box_from_landmarks(gt), float)
 
     class FakeBlaze:
         name = "haar"  # any calibrated name; the box below is already the crop box's core
@@ -329,7 +327,7 @@ def test_crop_affine_rotation_and_inverse():
         D.crop_affine(box, float("nan"))
 
 
-def test_visibility_threshold_is_checked(pdm, ect_data):
+def test_visibility_threshold_is_checked(pdm):
     T = template_shape(pdm)
     for bad in (float("nan"), -0.1, 1.5, float("inf")):
         with pytest.raises(ValueError, match="visibility_threshold"):
@@ -390,10 +388,10 @@ def test_photographs_with_the_shipped_network(data_dir, name):
         assert len(faces) >= 2  # both people
 
 
-def test_visibility_threshold_defaults_to_the_networks(scene, ect_data):
+def test_visibility_threshold_defaults_to_the_networks(scene):
     """tau: the Detector's when given, else the one stored with the network (its fit options)."""
     T, imgs, gts = scene
-    box = _box(ect_data, gts[0])
+    box = _box(crops, gts[0])
     est = FiducialEstimator(T, occluded=range(0, 17))  # jaw maps all zero: confidence 0 there
     est.fit_options = {"visibility_threshold": 0.99}
     det = ectfast.Detector(estimator=est)

@@ -11,7 +11,7 @@ from ectfast.app import evaluate as E
 from ectfast.core import metrics
 from ectfast.io.pts import write_pts
 
-from _e2e_helpers import FiducialEstimator, ect_data, synthetic_face, template_shape  # noqa: F401
+from _e2e_helpers import FiducialEstimator, synthetic_face, template_shape  # noqa: F401
 
 
 def _write_folder(root, pdm, n_faces=6, seed=0, occluded=(), features=True):
@@ -37,7 +37,7 @@ def _write_folder(root, pdm, n_faces=6, seed=0, occluded=(), features=True):
     return T, gts
 
 
-def test_evaluate_all_methods_with_outliers(tmp_path, pdm, ect_data):
+def test_evaluate_all_methods_with_outliers(tmp_path, pdm):
     T, gts = _write_folder(tmp_path / "data", pdm)
     est = FiducialEstimator(T, outlier_fraction=0.2, seed=1)
     with pytest.warns(E.DataWarning) as rec:
@@ -50,24 +50,24 @@ def test_evaluate_all_methods_with_outliers(tmp_path, pdm, ect_data):
     # the estimator ran once per good face, whatever the number of methods
     assert est.faces == 6 and len(res.faces) == 6 and set(res.faces) == set(gts)
     assert res.gt == pytest.approx(np.array([gts[f] for f in res.faces]), abs=1e-3)  # .pts: 3 decimals
-    nme = {m: res.summary[m]["nme_inter-ocular"] for m in E.METHOD_ORDER}
+    nme = {m: res.summary[m]["nme_inter-ocular"] for m in E.METHODS}
     # 20 % wrong peaks: ECT must beat the unweighted variants by a wide margin
     assert nme["ect"] < 0.02, nme
     assert nme["ect"] < 0.5 * nme["crm-pdm"], nme
     assert nme["ect"] < nme["crm-clm"] and nme["ect"] < nme["crm"], nme
     # the table/CSV numbers agree with recomputing the metrics from the returned landmarks
-    for m in E.METHOD_ORDER:
+    for m in E.METHODS:
         assert res.summary[m]["nme_inter-ocular"] == pytest.approx(
             metrics.nme(res.landmarks[m], res.gt, "inter-ocular").mean())
     files = res.files
     for key in ("table", "csv", "per_face", "plot"):
         assert os.path.getsize(files[key]) > 0
     table = open(files["table"]).read()
-    for m in E.METHOD_ORDER:
+    for m in E.METHODS:
         assert f"| {E.DISPLAY[m]} |" in table
     with open(files["csv"]) as f:
         rows = list(csv.DictReader(f))
-    assert [r["method"] for r in rows] == [E.DISPLAY[m] for m in E.METHOD_ORDER]
+    assert [r["method"] for r in rows] == [E.DISPLAY[m] for m in E.METHODS]
     ect_row = rows[-1]
     assert float(ect_row["nme_inter_ocular_pct"]) == pytest.approx(100 * nme["ect"], rel=1e-9)
     assert int(ect_row["faces"]) == 6
@@ -76,10 +76,10 @@ def test_evaluate_all_methods_with_outliers(tmp_path, pdm, ect_data):
     plot = cv2.imread(files["plot"])
     assert plot is not None and plot.shape[0] > 200 and plot.shape[1] > 300
     assert plot.std() > 10  # not a blank canvas
-    assert [lab.split(" ")[0] for lab in res.plot_labels] == [E.DISPLAY[m] for m in E.METHOD_ORDER]
+    assert [lab.split(" ")[0] for lab in res.plot_labels] == [E.DISPLAY[m] for m in E.METHODS]
 
 
-def test_evaluate_clean_maps_is_near_exact(tmp_path, pdm, ect_data):
+def test_evaluate_clean_maps_is_near_exact(tmp_path, pdm):
     T, gts = _write_folder(tmp_path / "data", pdm, n_faces=4, seed=3)
     est = FiducialEstimator(T, map_size=64)  # FusionNet-sized maps: fit upsamples x4
     with warnings.catch_warnings():
@@ -94,7 +94,7 @@ def test_evaluate_clean_maps_is_near_exact(tmp_path, pdm, ect_data):
     assert res.files == {}
 
 
-def test_evaluate_occlusion_labels(tmp_path, pdm, ect_data):
+def test_evaluate_occlusion_labels(tmp_path, pdm):
     occluded = set(range(17, 27))  # the eyebrows' maps are all zero, and labelled occluded
     T, _ = _write_folder(tmp_path / "data", pdm, n_faces=4, seed=5, occluded=occluded)
     est = FiducialEstimator(T, occluded=sorted(occluded))
@@ -110,7 +110,7 @@ def test_evaluate_occlusion_labels(tmp_path, pdm, ect_data):
     assert os.path.exists(res.files["visibility"])
 
 
-def test_evaluate_detector_boxes_fall_back(tmp_path, pdm, ect_data):
+def test_evaluate_detector_boxes_fall_back(tmp_path, pdm):
     T, _ = _write_folder(tmp_path / "data", pdm, n_faces=2, seed=7, features=False)
     est = FiducialEstimator(T)
     with warnings.catch_warnings():
@@ -122,7 +122,7 @@ def test_evaluate_detector_boxes_fall_back(tmp_path, pdm, ect_data):
     assert "missed" in res.table
 
 
-def test_evaluate_bad_arguments(tmp_path, pdm, ect_data):
+def test_evaluate_bad_arguments(tmp_path, pdm):
     est = FiducialEstimator(template_shape(pdm))
     with pytest.raises(ValueError, match="not a directory"):
         E.evaluate(tmp_path / "nope", estimator=est)
@@ -144,7 +144,7 @@ def test_evaluate_bad_arguments(tmp_path, pdm, ect_data):
             E.evaluate(bad, estimator=est, progress=False)
 
 
-def test_real_lfpw_subset_pipeline_consistency(data_dir, tmp_path, ect_data):
+def test_real_lfpw_subset_pipeline_consistency(data_dir, tmp_path):
     """Real 300-W faces (a handful): with maps at the ground truth mapped into each crop (the
     template is each face's own annotation, carried by dots drawn on a copy of the image), the
     pipeline's CRM error is only the argmax quantisation."""

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import cv2
 import numpy as np
 import pytest
 
@@ -22,12 +23,7 @@ from ectfast.core.synthetic import peak_scale, place_in_map  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
+TORCH_THREADS = 2  # conftest's _torch_threads
 
 
 def synthetic_crops(pdm, n=8, stored=48, context=D.CONTEXT, seed=0) -> D.CropSet:
@@ -129,7 +125,7 @@ def test_crop_transform_round_trips_landmarks(rng):
     assert side == pytest.approx(1.3 * np.ptp(pts, 0).max())
     A = D.crop_transform(box, 256)
     crop_pts = D.transform_points(A, pts)
-    np.testing.assert_allclose(D.transform_points(D.invert(A), crop_pts), pts, atol=1e-9)
+    np.testing.assert_allclose(D.transform_points(cv2.invertAffineTransform(A), crop_pts), pts, atol=1e-9)
     # the landmarks' bounding box is centred and spans 256 / 1.3
     lo, hi = crop_pts.min(0), crop_pts.max(0)
     np.testing.assert_allclose((lo + hi) / 2, [127.5, 127.5], atol=1e-9)
@@ -160,7 +156,8 @@ def test_targets_peak_and_invisible_points():
     assert lo[0, 1, 50, 9] == pytest.approx(peak, rel=1e-6) and lo[0, 1].max() == lo[0, 1, 50, 9]
     assert not hi[0, 2].any() and not lo[0, 2].any()
     # the torch version agrees
-    th, tl = D.make_targets_torch(torch.tensor(lm), torch.tensor(vis), 256)
+    th = D.target_maps_torch(torch.tensor(lm), torch.tensor(vis), 256, 256)
+    tl = D.target_maps_torch(torch.tensor(lm), torch.tensor(vis), 64, 256)
     np.testing.assert_allclose(th.numpy(), hi, atol=1e-6)
     np.testing.assert_allclose(tl.numpy(), lo, atol=1e-6)
     # the 64 target upsampled x4 is close to the 256 target (the losses agree)
@@ -172,12 +169,18 @@ def test_targets_peak_and_invisible_points():
     assert abs(xx - 100) <= 2 and abs(yy - 60) <= 2
 
 
+def _warp_cv2(image, A, size):
+    """The oracle of the torch warp: OpenCV, bilinear, zero border."""
+    return cv2.warpAffine(image, np.asarray(A, np.float64), (size, size), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
 def test_torch_warp_matches_opencv(rng):
     img = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
     A, flips, _ = D.sample_augmentation(np.random.default_rng(3), 4, stored_size=48, size=32)
     out = D.warp_torch(torch.from_numpy(img).permute(2, 0, 1)[None].repeat(4, 1, 1, 1), A, 32).numpy()
     for b in range(4):
-        ref = D.warp_cv2(img, A[b], 32).astype(np.float32).transpose(2, 0, 1) / 255
+        ref = _warp_cv2(img, A[b], 32).astype(np.float32).transpose(2, 0, 1) / 255
         inner = (slice(None), slice(4, -4), slice(4, -4))
         assert np.abs(out[b][inner] - ref[inner]).mean() < 0.01
 
@@ -199,7 +202,7 @@ def test_augmented_landmarks_follow_the_image(use_torch):
             if use_torch:
                 w = D.warp_torch(torch.from_numpy(img).permute(2, 0, 1)[None], A[b:b + 1], size)[0, 0].numpy()
             else:
-                w = D.warp_cv2(img, A[b], size)[..., 0]
+                w = _warp_cv2(img, A[b], size)[..., 0]
             yy, xx = np.unravel_index(np.argmax(w), w.shape)
             j = D.FLIP_68[i]  # after a flip the landmark sits at index FLIP_68[i]
             assert np.hypot(xx - new[b, j, 0], yy - new[b, j, 1]) <= 1.5
@@ -396,17 +399,18 @@ def test_onnx_export_matches_pytorch(tmp_path):
 
 
 @pytest.mark.data
-def test_dataset_reads_real_faces(data_dir):
-    ds = D.Face300W(data_dir / "300w", ["lfpw/testset"], size=64, augment=True, limit=3, seed=1)
-    assert len(ds) == 3
-    item = ds[1]
-    assert item["image"].shape == (3, 64, 64) and item["maps"].shape == (68, 64, 64)
-    assert item["maps64"].shape == (68, 16, 16)
-    assert 0 <= float(item["image"].min()) and float(item["image"].max()) <= 1
-    lm = item["landmarks"].numpy()
-    assert ((lm > -10) & (lm < 74)).mean() > 0.9
-    plain = D.Face300W(data_dir / "300w", ["lfpw/testset"], size=256, augment=False, limit=1, targets=False)[0]
-    lm = plain["landmarks"].numpy()
-    # no augmentation: the landmarks' bounding box is centred and spans 256 / 1.3
+def test_load_crops_reads_real_faces(data_dir):
+    cs = D.load_crops(data_dir / "300w", ["lfpw/testset"], limit=3, workers=1, progress=False)
+    assert len(cs) == 3 and cs.images.shape == (3, D.STORED_SIZE, D.STORED_SIZE, 3) and cs.images.dtype == np.uint8
+    # the canonical crop of a stored crop: the landmarks' bounding box is centred and spans 256 / 1.3
+    lm = D.transform_points(D.canonical_matrix(cs.stored_size, cs.context, 256), cs.landmarks[0])
     assert np.ptp(lm, 0).max() == pytest.approx(256 / 1.3, rel=1e-4)
     np.testing.assert_allclose((lm.min(0) + lm.max(0)) / 2, 127.5, atol=1e-3)
+    # RGB order: the first stored crop is the first face's image file (BGR) reversed, margin-cropped
+    import cv2 as _cv2
+
+    from ectfast.io.pts import read_pts
+
+    img_path, pts_path = D.list_faces(data_dir / "300w", ["lfpw/testset"])[0]
+    crop, _, _ = D.margin_crop(np.ascontiguousarray(_cv2.imread(str(img_path))[..., ::-1]), read_pts(pts_path))
+    np.testing.assert_array_equal(cs.images[0], crop)

@@ -23,7 +23,6 @@ Image files are read by :func:`ectfast.io.images.read_image`; the ``ectfast dete
 """
 from __future__ import annotations
 
-import importlib
 import math
 import numbers
 import os
@@ -35,8 +34,11 @@ from typing import Callable, Iterable, List, Optional, Sequence
 import numpy as np
 
 from ectfast.nets import engine as E
+from ectfast.core.arrays import on_cuda, to_numpy
 from ectfast.core.fit import METHODS
+from ectfast import faces as face_layer
 from ectfast.io.images import MAX_PIXELS, ImageError, read_image, to_bgr
+from ectfast.nets import data
 
 CROP_SIZE = 256
 #: the smallest image side a face can be found in (the smallest window of the face detectors)
@@ -44,96 +46,6 @@ MIN_IMAGE_SIDE = 24
 #: the face detectors see images downscaled to this longer side at most (crops come from the
 #: decoded image)
 DETECT_MAX_SIDE = 2560
-HAAR_FILE = "haarcascade_frontalface_default.xml"
-HAAR_SCALE_FACTOR = 1.1
-HAAR_MIN_NEIGHBORS = 5
-#: images larger than this (longer side, px) are downscaled for the Haar search only
-HAAR_MAX_SIDE = 1280
-
-#: Haar box (x, y, w, h) -> landmark box, in units of the Haar width w: the landmark box's centre
-#: is (x + w/2 + HAAR_DX w, y + h/2 + HAAR_DY w), its size (HAAR_SW w, HAAR_SH w). Medians measured
-#: by bench/calibrate_haar.py on ../shared/data/faces and ../shared/data/300w/lfpw/testset
-#: (recorded in bench/RESULTS.md, "pipeline (issue 6)"). Used by the legacy ``face_detector="haar"``
-#: path (and ``ectfast eval --boxes detector``) when ectfast.faces is not available.
-HAAR_DX = 0.0061
-HAAR_DY = 0.1601
-HAAR_SW = 0.8525
-HAAR_SH = 0.8396
-
-_DATA_NAMES = ("box_from_landmarks", "crop_face")
-
-
-def _data():
-    """ectfast.nets.data (face boxes and crops), checked for the functions the pipeline needs."""
-    mod = importlib.import_module("ectfast.nets.data")
-    missing = [n for n in _DATA_NAMES if not hasattr(mod, n)]
-    if missing:
-        raise ImportError(f"ectfast.nets.data does not provide {', '.join(missing)} (the face-cropping "
-                          "module is missing from this installation)")
-    return mod
-
-
-def _faces_module():
-    """ectfast.faces (the face-detector layer), or None where it is not installed."""
-    try:
-        return importlib.import_module("ectfast.faces")
-    except ModuleNotFoundError as e:
-        if e.name not in ("ectfast.faces",):
-            raise
-        return None
-
-
-# ------------------------------------------------------------------ Haar (legacy path)
-
-_CASCADE = None
-
-
-def haar_cascade():
-    """The frontal-face Haar cascade shipped with opencv-python(-headless) 4.x (cached)."""
-    global _CASCADE
-    if _CASCADE is None:
-        import cv2
-
-        folder = getattr(getattr(cv2, "data", None), "haarcascades", None)
-        path = os.path.join(folder, HAAR_FILE) if folder else None
-        if not path or not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"the OpenCV Haar cascade {HAAR_FILE} was not found ({path or 'cv2.data.haarcascades is missing'});"
-                " install opencv-python-headless 4.x, which ships it, or pass face boxes (boxes=...)"
-                " or your own face_detector")
-        cascade = cv2.CascadeClassifier(path)
-        if cascade.empty():
-            raise FileNotFoundError(f"{path}: OpenCV could not load the Haar cascade (corrupt file?)")
-        _CASCADE = cascade
-    return _CASCADE
-
-
-def haar_faces(image_bgr: np.ndarray) -> np.ndarray:
-    """(k, 4) int array of Haar face boxes (x, y, w, h), largest first, in image pixels."""
-    import cv2
-
-    grey = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2GRAY)
-    scale = 1.0
-    if max(grey.shape) > HAAR_MAX_SIDE:
-        scale = HAAR_MAX_SIDE / max(grey.shape)
-        grey = cv2.resize(grey, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-    grey = cv2.equalizeHist(grey)
-    found = haar_cascade().detectMultiScale(grey, scaleFactor=HAAR_SCALE_FACTOR,
-                                            minNeighbors=HAAR_MIN_NEIGHBORS,
-                                            minSize=(MIN_IMAGE_SIDE, MIN_IMAGE_SIDE))
-    boxes = np.asarray(found, dtype=np.float64).reshape(-1, 4) / scale
-    boxes = boxes[np.argsort(-boxes[:, 2], kind="stable")]
-    return np.round(boxes).astype(np.int64)
-
-
-def haar_to_box(haar_box) -> np.ndarray:
-    """A Haar box (x, y, w, h) -> the crop box (x0, y0, x1, y1) of ectfast.nets.data.box_from_landmarks,
-    through the calibrated landmark box (HAAR_DX, HAAR_DY, HAAR_SW, HAAR_SH)."""
-    x, y, w, h = (float(v) for v in haar_box)
-    cx, cy = x + w / 2 + HAAR_DX * w, y + h / 2 + HAAR_DY * w
-    hw, hh = HAAR_SW * w / 2, HAAR_SH * w / 2
-    corners = np.array([[cx - hw, cy - hh], [cx + hw, cy - hh], [cx + hw, cy + hh], [cx - hw, cy + hh]])
-    return np.asarray(_data().box_from_landmarks(corners), dtype=np.float64)
 
 
 def check_boxes(boxes, name: str = "boxes") -> np.ndarray:
@@ -184,19 +96,6 @@ def resolve_device(device: str) -> str:
 def make_estimator(weights=None, device: str = "auto", engine: str = "auto", threads: Optional[int] = None):
     """The network as an estimator (:func:`ectfast.nets.engine.make_estimator`)."""
     return E.make_estimator(weights, device, engine, threads)
-
-
-def _host(x) -> np.ndarray:
-    """Any array (NumPy, torch CPU/CUDA, CuPy) -> NumPy."""
-    if type(x).__module__.split(".")[0] == "torch":
-        return x.detach().cpu().numpy()
-    if hasattr(x, "__cuda_array_interface__") and hasattr(x, "get"):
-        return x.get()
-    return np.asarray(x)
-
-
-def _on_device(x) -> bool:
-    return type(x).__module__.split(".")[0] == "torch" and x.device.type == "cuda"
 
 
 def upsample_factor(maps_size: int, crop_size: int = CROP_SIZE) -> int:
@@ -256,7 +155,6 @@ def crop_faces(images_bgr: Sequence[np.ndarray], image_index: Sequence[int], box
     (k, 2, 3) image -> crop affine transforms."""
     import cv2
 
-    data = _data()
     crops, Ms = [], []
     angles = np.zeros(len(boxes)) if angles is None else np.asarray(angles, dtype=np.float64).reshape(-1)
     for i, box, a in zip(image_index, boxes, angles):
@@ -306,8 +204,8 @@ def run_pipeline(estimator: Callable, crops_bgr: Sequence[np.ndarray], Ms: np.nd
         crop_side = int(np.asarray(crops_bgr[s]).shape[0])
         x = crops_to_input(crops_bgr[s:s + batch_size], net_size if isinstance(net_size, int) else None)
         maps = estimator(x)
-        if not _on_device(maps) or not keep_on_device:
-            maps = _host(maps)
+        if not on_cuda(maps) or not keep_on_device:
+            maps = to_numpy(maps)
             if maps.dtype.kind != "f":
                 raise TypeError(f"estimator: expected float response maps, got dtype {maps.dtype}")
         shape = tuple(maps.shape)
@@ -317,9 +215,9 @@ def run_pipeline(estimator: Callable, crops_bgr: Sequence[np.ndarray], Ms: np.nd
         opts = {**(getattr(estimator, "fit_options", None) or {}), **(fit_options or {})}
         for m in methods:
             r = fit(maps, pdm, method=m, upsample=factor, backend=backend, **opts)
-            out[m]["crop_landmarks"].append(_host(r.landmarks).astype(np.float64))
-            out[m]["confidence"].append(_host(r.confidence).astype(np.float64))
-            out[m]["visible"].append(_host(r.visible).astype(bool))
+            out[m]["crop_landmarks"].append(to_numpy(r.landmarks).astype(np.float64))
+            out[m]["confidence"].append(to_numpy(r.confidence).astype(np.float64))
+            out[m]["visible"].append(to_numpy(r.visible).astype(bool))
         if progress is not None:
             progress.update(len(x))
     for m in methods:
@@ -367,38 +265,17 @@ def _is_single(images) -> bool:
     return False
 
 
-class _LegacyHaar:
-    """Haar boxes calibrated to crop boxes (only where ectfast.faces is not installed)."""
-
-    name = "haar"
-
-    def __call__(self, image_bgr):
-        found = haar_faces(image_bgr)
-        return np.stack([haar_to_box(b) for b in found]) if len(found) else np.zeros((0, 4))
-
-
 def default_face_detector():
     """The face detector of ``face_detector="auto"``: ``ectfast.faces.default_detector()``
-    (BlazeFace, with fallbacks), or the calibrated Haar cascade where ectfast.faces is missing."""
-    faces = _faces_module()
-    if faces is None:
-        haar_cascade()
-        return _LegacyHaar()
-    return faces.default_detector()
+    (BlazeFace, with fallbacks)."""
+    return face_layer.default_detector()
 
 
 def _make_named_detector(name: str):
     if name == "auto":
         return default_face_detector()
-    faces = _faces_module()
-    if faces is None:
-        if name == "haar":
-            haar_cascade()
-            return _LegacyHaar()
-        raise ValueError(f"face_detector: {name!r} needs ectfast.faces, which this installation lacks "
-                         "(only 'haar' and 'auto' are available)")
     try:
-        return faces.make_detector(name)
+        return face_layer.make_detector(name)
     except ValueError as e:
         raise ValueError(f"face_detector: {e}") from None
 
@@ -495,7 +372,6 @@ class Detector:
             raise TypeError(f"pdm: expected an ectfast.PDM, got {type(pdm).__name__}")
         if estimator is not None and not callable(estimator):
             raise TypeError(f"estimator: expected a callable (crops -> response maps), got {type(estimator).__name__}")
-        _data()  # a clear ImportError now if the cropping module is missing
         self._name = None
         if face_detector is None:
             self.face_detector = None
@@ -547,11 +423,10 @@ class Detector:
         if det is None:
             base = self.face_detector
             name = getattr(base, "name", None)
-            faces = _faces_module()
             det = base
-            if faces is not None and isinstance(name, str) and hasattr(base, "detect"):
+            if isinstance(name, str) and hasattr(base, "detect"):
                 try:
-                    det = faces.make_detector(name)
+                    det = face_layer.make_detector(name)
                 except Exception:
                     det = base
             self._local.detector = det
@@ -573,8 +448,7 @@ class Detector:
                              f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} px); pass boxes= for a known face")
         det = self._thread_detector()
         img, f = image_bgr, 1.0
-        named = hasattr(det, "detect") or isinstance(det, _LegacyHaar)
-        if named and max(h, w) > DETECT_MAX_SIDE:  # detectors see a downscaled copy
+        if hasattr(det, "detect") and max(h, w) > DETECT_MAX_SIDE:  # detectors see a downscaled copy
             f = DETECT_MAX_SIDE / max(h, w)
             img = cv2.resize(image_bgr, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
         found = det.detect(img) if hasattr(det, "detect") else det(img)
@@ -586,13 +460,12 @@ class Detector:
     def _normalise(self, found, det):
         items = list(found) if not isinstance(found, np.ndarray) else None
         if items is not None and items and hasattr(items[0], "box"):
-            faces = _faces_module()
             calib = getattr(det, "calibration_name", None) or getattr(det, "name", None)
             boxes, angles, scores = [], [], []
             for fb in items:
                 name = getattr(fb, "detector", "") or calib
-                boxes.append(faces.crop_box(fb, name) if faces is not None else fb.box)
-                angles.append(faces.crop_angle(fb) if (faces is not None and self.align) else 0.0)
+                boxes.append(face_layer.crop_box(fb, name))
+                angles.append(face_layer.crop_angle(fb) if self.align else 0.0)
                 scores.append(float(getattr(fb, "score", 0.0)))
             b = check_boxes(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), "face_detector's boxes")
             return b, np.asarray(angles, dtype=np.float64), scores

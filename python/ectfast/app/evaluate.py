@@ -36,9 +36,10 @@ import numpy as np
 
 from ectfast.core import metrics
 from ectfast.core.fit import METHODS
+from ectfast.io.images import load_image
+from ectfast.nets.data import box_from_landmarks
 
-#: the order of methods in tables and plots
-METHOD_ORDER = ("crm", "crm-pdm", "crm-clm", "crm-clm-c", "ect")
+#: the methods (in ectfast.fit.METHODS order in tables and plots) as the paper names them
 DISPLAY = {"crm": "CRM", "crm-pdm": "CRM-PDM", "crm-clm": "CRM-CLM", "crm-clm-c": "CRM-CLM-C", "ect": "ECT"}
 VISIBILITY_SWEEP = tuple(np.round(np.arange(0.05, 1.0, 0.05), 2))
 
@@ -65,21 +66,21 @@ class EvalResult:
 
 def parse_methods(methods) -> List[str]:
     if methods is None or methods == "all":
-        return list(METHOD_ORDER)
+        return list(METHODS)
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
     out = []
     for m in methods:
         m = str(m).lower()
         if m == "all":
-            return list(METHOD_ORDER)
+            return list(METHODS)
         if m not in METHODS:
             raise ValueError(f"methods: expected 'all' or some of {METHODS}, got {m!r}")
         if m not in out:
             out.append(m)
     if not out:
         raise ValueError("methods: no method given")
-    return sorted(out, key=METHOD_ORDER.index)
+    return sorted(out, key=METHODS.index)
 
 
 def read_occlusion(path: str, n: int) -> np.ndarray:
@@ -128,8 +129,6 @@ def evaluate(data, *, methods="all", boxes: str = "landmarks", estimator: Option
     ``device`` with ``engine`` ('auto', 'onnxruntime', 'torch'; ectfast.nets.engine). backend:
     ectfast.fit's backend. out: folder for the tables and the CED plot (None: write nothing). norm: the NME that the failure rate, AUC and CED use.
     """
-    import cv2
-
     from ectfast.app import detector as D
     from ectfast.io.datasets import find_faces
     from ectfast.core.pdm import default_pdm
@@ -144,7 +143,6 @@ def evaluate(data, *, methods="all", boxes: str = "landmarks", estimator: Option
     pairs = find_faces(data)
     if not pairs:
         raise ValueError(f"data: no NAME.<image> + NAME.pts pairs found under {os.fspath(data)!r}")
-    data_mod = D._data()
     if boxes == "detector":
         from ectfast import faces as face_layer
 
@@ -183,9 +181,10 @@ def evaluate(data, *, methods="all", boxes: str = "landmarks", estimator: Option
                 if not (np.ptp(gt, 0) > 0).all():
                     _warn(skipped, pts_path, "degenerate annotation (zero-size landmark box)")
                     continue
-                img = cv2.imread(image_path, cv2.IMREAD_COLOR)
-                if img is None or img.size == 0:
-                    _warn(skipped, image_path, "cannot read the image (corrupt or not an image)")
+                try:
+                    img = load_image(image_path)
+                except (ValueError, OSError) as e:
+                    _warn(skipped, image_path, f"cannot read the image ({e})")
                     continue
                 o = None
                 if occlusion_labels:
@@ -195,7 +194,7 @@ def evaluate(data, *, methods="all", boxes: str = "landmarks", estimator: Option
                     except (ValueError, OSError) as e:
                         warnings.warn(f"{occ_path}: no usable occlusion labels ({e}); the face counts for "
                                       "the NME but not for visibility", DataWarning, stacklevel=2)
-                gt_box = np.asarray(data_mod.box_from_landmarks(gt), dtype=np.float64)
+                gt_box = np.asarray(box_from_landmarks(gt), dtype=np.float64)
                 box = gt_box
                 if boxes == "detector":
                     cand = np.array([face_layer.crop_box(f) for f in face_layer.detect_faces(img, face_detector)])

@@ -7,15 +7,16 @@ import os
 import sys
 import warnings
 
-from ectfast.app.evaluate import METHOD_ORDER, DataWarning, evaluate
+from ectfast.app.evaluate import DataWarning, evaluate
 from ectfast.cli._argtypes import device_arg, unit_float
 from ectfast.core import metrics
+from ectfast.core.fit import METHODS
 from ectfast.nets.engine import ENGINES, NO_WEIGHTS_MESSAGE
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", metavar="DATA", help="a 300-W-layout folder (NAME.jpg + NAME.pts, any depth)")
-    p.add_argument("--method", default="all", choices=("all",) + METHOD_ORDER,
+    p.add_argument("--method", default="all", choices=("all",) + METHODS,
                    help="fitting method, or all of them on the same response maps (default: all)")
     p.add_argument("--boxes", default="landmarks", choices=("landmarks", "detector"),
                    help="face boxes from the ground-truth landmarks (the paper's protocol) or from the "

@@ -36,6 +36,7 @@ from typing import Optional
 import numpy as np
 
 from ectfast.core._reference import ReferenceOps
+from ectfast.core.arrays import is_torch
 
 MAP_DTYPES = ("float32", "float16", "bfloat16", "float64")
 MAX_UPSAMPLE = 16
@@ -93,7 +94,7 @@ class _Torch:
         return str(t.dtype).rsplit(".", 1)[-1]
 
     def desc(self, t, name="array"):
-        if not isinstance(t, self.torch.Tensor):
+        if not is_torch(t):
             raise TypeError(f"{name}: expected a torch tensor, got {type(t).__name__}")
         if t.device.type != "cuda":
             raise ValueError(f"{name}: expected a CUDA tensor, got one on {t.device}")

@@ -4,7 +4,8 @@ paper. Every fast backend is tested against these functions.
 Conventions shared by all backends (the parity tests hold every backend to them):
 
 * Shapes are (n, 2) arrays of (x, y), 0-based pixel centres of the response map.
-* Estimation: the peak of a map is its first maximum in row-major order.
+* Estimation: the peak of a map is its first maximum in row-major order
+  (:func:`ectfast.core.peaks.argmax_peaks`, the one home of the argmax).
 * A landmark's patch is centred exactly on the pixel ``c = floor(x + 0.5)``: it covers
   ``c - r//2 .. c + r//2`` on each axis (so r = 30 gives a 31 x 31 patch); pixels outside the
   map count as zero. Negative responses are clamped to zero.
@@ -17,6 +18,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from ectfast.core.peaks import argmax_peaks
 
 # ------------------------------------------------------------------ small helpers
 
@@ -56,13 +59,6 @@ def sigmoid(z: float) -> float:
 
 
 # ------------------------------------------------------------------ the equations
-
-
-def estimate_peaks(maps: np.ndarray) -> np.ndarray:
-    """Estimation: per landmark, the (x, y) of the maximum of its map. (B, n, H, W) -> (B, n, 2)."""
-    B, n, H, W = maps.shape
-    idx = maps.reshape(B, n, H * W).argmax(-1)
-    return np.stack([idx % W, idx // W], -1).astype(np.float64)
 
 
 def confidence(patch: np.ndarray, xs: np.ndarray, ys: np.ndarray, a: float, b: float):
@@ -174,7 +170,7 @@ class ReferenceOps:
         return maps[start:stop]
 
     def argmax(self, maps):
-        return estimate_peaks(maps)
+        return argmax_peaks(maps)
 
     def weights(self, maps, shape, r, a, b):
         B, n, H, W = maps.shape

@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ectfast.core.arrays import is_torch, on_cuda, to_numpy
 from ectfast.core.pdm import PDM, default_pdm
 
 METHODS = ("crm", "crm-pdm", "crm-clm", "crm-clm-c", "ect")
@@ -100,32 +101,9 @@ class FitResult:
 # ------------------------------------------------------------------ input checking
 
 
-def _is_torch(x) -> bool:
-    return type(x).__module__.split(".")[0] == "torch"
-
-
-def _on_cuda(x) -> bool:
-    if _is_torch(x):
-        return x.device.type == "cuda"
-    if hasattr(x, "__cuda_array_interface__"):
-        return True
-    dl = getattr(x, "__dlpack_device__", None)
-    if dl is not None and not isinstance(x, np.ndarray):
-        try:
-            return int(dl()[0]) in (2, 3, 13)  # kDLCUDA, kDLCUDAHost, kDLCUDAManaged
-        except Exception:
-            return False
-    return False
-
-
 def _to_numpy(maps) -> np.ndarray:
-    if _is_torch(maps):
-        t = maps.detach()
-        if t.dtype.is_floating_point and t.element_size() < 4:
-            t = t.float()  # float16 / bfloat16 -> float32 (NumPy has no bfloat16)
-        return t.numpy()
-    if isinstance(maps, np.ndarray):
-        return maps
+    if is_torch(maps) or isinstance(maps, np.ndarray):
+        return to_numpy(maps)
     raise TypeError(f"response_maps: expected a NumPy array or a torch tensor of shape "
                     f"(B, n, H, W), got {type(maps).__name__}")
 
@@ -294,7 +272,7 @@ def fit(response_maps, pdm: Optional[PDM] = None, *, method: str = "ect", iterat
     factor = check_upsample(upsample)
     num_threads = check_num_threads(num_threads)
 
-    on_device = _on_cuda(response_maps)
+    on_device = on_cuda(response_maps)
     ops = _dispatch.get_ops(backend, on_device=on_device, num_threads=num_threads)
     if ops.name == "cuda":
         maps = ops.prepare(response_maps, factor, pdm.n_landmarks)

@@ -28,6 +28,8 @@ import numpy as np
 
 PathLike = Union[str, "os.PathLike[str]"]
 
+#: The landmarks of the iBUG 68-point scheme of 300-W: the one home of the number 68.
+N_LANDMARKS = 68
 #: The largest .pts file read (a 68-point file is ~1 kB).
 MAX_FILE_BYTES = 1 << 20
 

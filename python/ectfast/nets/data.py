@@ -4,7 +4,7 @@ Crops
 -----
 A face is cut out of its image as a square crop of ``size`` x ``size`` pixels (256 for the FCN)
 by one affine warp (``cv2.warpAffine``); the 2x3 transform ``A`` (image pixel -> crop pixel) is
-kept so that landmarks map both ways (:func:`transform_points`, :func:`invert`). Pixel
+kept so that landmarks map both ways (:func:`transform_points`, and ``cv2.invertAffineTransform`` back). Pixel
 coordinates are 0-based pixel centres everywhere.
 
 * The box of a face: :func:`box_from_landmarks` takes the landmarks' bounding box and returns
@@ -33,10 +33,8 @@ uniform in [-30, 30] deg, a box scale jitter in [0.9, 1.1], a box shift of up to
 per axis, a random 248 x 248 window of the 256 crop rescaled to 256 (the paper's random crop),
 and a horizontal flip with probability 0.5 (landmarks re-ordered by :data:`FLIP_68`); these
 compose into one 2x3 matrix (stored crop -> network input). Colour: brightness x U(0.75, 1.25),
-contrast x U(0.75, 1.25) about the image mean, saturation x U(0.75, 1.25). The warp runs either
-per sample with OpenCV (:func:`warp_cv2`, used by :class:`Face300W`) or batched with torch
-``affine_grid``/``grid_sample`` on the GPU (:func:`warp_torch`, used by training, which needs no
-OpenCV for packed data).
+contrast x U(0.75, 1.25) about the image mean, saturation x U(0.75, 1.25). The warp runs batched with torch
+``affine_grid``/``grid_sample`` (:func:`warp_torch`; no OpenCV is needed for packed data).
 
 Data
 ----
@@ -57,10 +55,10 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from ectfast.io.datasets import TRAIN_SUBSETS, find_faces
-from ectfast.io.pts import read_pts
+from ectfast.io.images import load_image
+from ectfast.io.pts import N_LANDMARKS, read_pts
 from ectfast.core.synthetic import TARGET_SIGMA_256, gaussian_maps, peak_scale
 
-N_LANDMARKS = 68
 BOX_SCALE = 1.3
 INPUT_SIZE = 256
 STORED_SIZE = 288
@@ -134,18 +132,6 @@ def transform_points(A, points) -> np.ndarray:
     return p @ A[:, :2].T + A[:, 2]
 
 
-def invert(A) -> np.ndarray:
-    """Inverse of a 2x3 affine."""
-    A = np.asarray(A, dtype=np.float64)
-    if A.shape != (2, 3):
-        raise ValueError(f"A: expected a 2x3 matrix, got shape {A.shape}")
-    M = A[:, :2]
-    if abs(np.linalg.det(M)) < 1e-12:
-        raise ValueError("A: singular transform")
-    Mi = np.linalg.inv(M)
-    return np.concatenate([Mi, -Mi @ A[:, 2:]], 1)
-
-
 def compose(A, B) -> np.ndarray:
     """The 2x3 affine 'A after B' (x -> A(B(x)))."""
     A3 = np.vstack([np.asarray(A, np.float64), [0, 0, 1]])
@@ -164,16 +150,6 @@ def crop_face(image, box, size: int = INPUT_SIZE, scale: float = 1.0):
     crop = cv2.warpAffine(img, A, (int(size), int(size)), flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     return crop, A
-
-
-def read_image_rgb(path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of any image OpenCV reads (grey images are expanded)."""
-    import cv2
-
-    img = cv2.imread(os.fspath(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise ValueError(f"{path}: cannot read the image")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 # ------------------------------------------------------------------ targets
@@ -224,15 +200,6 @@ def target_maps_torch(landmarks, visible, size: int, frame: int = INPUT_SIZE):
     gx = torch.exp(-(ax - c[..., 0:1]) ** 2 / (2 * sigma * sigma))
     gy = torch.exp(-(ax - c[..., 1:2]) ** 2 / (2 * sigma * sigma)) * (amp * vis)[..., None]
     return gy[..., :, None] * gx[..., None, :]
-
-
-def make_targets_torch(landmarks, visible, size: int = INPUT_SIZE, factor: int = 4,
-                       sigma: Optional[float] = None):
-    """:func:`make_targets` on torch tensors (any device): landmarks (B, n, 2), visible (B, n)."""
-    if sigma is not None and float(sigma) != TARGET_SIGMA_256 * size / 256.0:
-        raise ValueError(f"sigma: only the design's {TARGET_SIGMA_256 * size / 256.0} is supported here")
-    return (target_maps_torch(landmarks, visible, size, size),
-            target_maps_torch(landmarks, visible, size // factor, size))
 
 
 # ------------------------------------------------------------------ augmentation
@@ -295,14 +262,6 @@ def augment_landmarks(A, flips, landmarks, visible=None):
         if vis is not None:
             vis[b] = vis[b, FLIP_68]
     return lm, vis
-
-
-def warp_cv2(image, A, size: int = INPUT_SIZE) -> np.ndarray:
-    """One sample's warp with OpenCV (bilinear, zero border)."""
-    import cv2
-
-    return cv2.warpAffine(np.asarray(image), np.asarray(A, np.float64), (size, size),
-                          flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
 def affine_theta(A, in_size: int, out_size: int):
@@ -431,7 +390,7 @@ def _load_one(args):
     lm = read_pts(pts_path)
     if lm.shape != (N_LANDMARKS, 2):
         raise ValueError(f"{pts_path}: expected {N_LANDMARKS} points, got {lm.shape[0]}")
-    crop, lm2, _ = margin_crop(read_image_rgb(image_path), lm, stored_size, context)
+    crop, lm2, _ = margin_crop(np.ascontiguousarray(load_image(image_path)[..., ::-1]), lm, stored_size, context)  # BGR -> RGB
     return crop, lm2.astype(np.float32)
 
 
@@ -534,68 +493,3 @@ def load_packed(path, split: str = "train", workers: int = 8) -> CropSet:
         imgs = list(ex.map(lambda i: _decode_jpeg(buf[off[i]:off[i + 1]]), range(len(off) - 1)))
     return CropSet(np.stack(imgs), z[f"{split}_landmarks"], z[f"{split}_visible"], z[f"{split}_names"],
                    int(z["stored_size"]), float(z["context"]))
-
-
-try:  # the Dataset base class; the crop/target functions above work without torch
-    from torch.utils.data import Dataset as _Dataset
-except ImportError:  # pragma: no cover
-    _Dataset = object
-
-
-class Face300W(_Dataset):
-    """A torch ``Dataset`` over 300-W-layout folders: item ``i`` is a dict with ``image``
-    (3, size, size) float32 RGB in [0, 1], ``landmarks`` (68, 2) float32 in input pixels,
-    ``visible`` (68,) bool, ``maps`` (68, size, size) and ``maps64`` targets (when
-    ``targets``), and ``index``. Faces are decoded and margin-cropped once and cached in memory.
-    With ``augment``, each item is augmented (OpenCV warp) with randomness drawn from
-    (seed, epoch, index): call :meth:`set_epoch` each epoch."""
-
-    def __init__(self, root, subsets: Sequence[str] = TRAIN_SUBSETS, *, size: int = INPUT_SIZE,
-                 augment: bool = False, targets: bool = True, seed: int = 0,
-                 stored_size: int = STORED_SIZE, context: float = CONTEXT,
-                 limit: Optional[int] = None, cfg: AugmentConfig = AugmentConfig()):
-        self.faces = list_faces(root, subsets)
-        if limit is not None:
-            self.faces = self.faces[:int(limit)]
-        if not self.faces:
-            raise ValueError(f"root: no faces under {root!r} in {list(subsets)}")
-        self.size, self.augment, self.targets, self.seed = size, augment, targets, seed
-        self.stored_size, self.context, self.cfg = stored_size, context, cfg
-        self.epoch = 0
-        self._cache = {}
-
-    def __len__(self):
-        return len(self.faces)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def crop(self, i: int):
-        if i not in self._cache:
-            self._cache[i] = _load_one((*self.faces[i], self.stored_size, self.context))
-        return self._cache[i]
-
-    def __getitem__(self, i):
-        import torch
-
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        img, lm = self.crop(i)
-        vis = np.ones((1, lm.shape[0]), bool)
-        if self.augment:
-            rng = np.random.default_rng([self.seed, self.epoch, i])
-            A, flips, colour = sample_augmentation(rng, 1, self.cfg, self.stored_size, self.context, self.size)
-        else:
-            A = canonical_matrix(self.stored_size, self.context, self.size)[None]
-            flips, colour = np.zeros(1, bool), None
-        out = warp_cv2(img, A[0], self.size).astype(np.float32) / 255.0
-        lm2, vis = augment_landmarks(A, flips, lm[None], vis)
-        image = torch.from_numpy(out).permute(2, 0, 1).contiguous()
-        if colour is not None:
-            image = colour_jitter(image[None], colour)[0]
-        item = {"image": image, "landmarks": torch.from_numpy(lm2[0].astype(np.float32)),
-                "visible": torch.from_numpy(vis[0]), "index": i}
-        if self.targets:
-            hi, lo = make_targets(lm2, vis, self.size)
-            item["maps"], item["maps64"] = torch.from_numpy(hi[0]), torch.from_numpy(lo[0])
-        return item

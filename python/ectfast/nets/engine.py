@@ -256,17 +256,13 @@ class TorchEstimator:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         elif device.startswith("cuda"):
             _torch_cuda_check(torch, device)
-        try:
-            from ectfast.nets import model
-        except ModuleNotFoundError as e:
-            if e.name not in ("ectfast.nets.model", "ectfast"):
-                raise
-            raise ImportError("the network module ectfast.nets.model is missing from this installation") from None
+        from ectfast.nets import model
+
         if threads:
             torch.set_num_threads(int(threads))
         self.torch = torch
         self.device = device
-        self.path = os.fspath(model.DEFAULT_WEIGHTS if weights is None else weights)
+        self.path = os.fspath(DEFAULT_PT if weights is None else weights)
         net = model.load_pretrained(self.path, device=device)
         self.net = net.eval()
         self.arch = getattr(net, "arch", "paper")

@@ -84,12 +84,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ectfast.assets import asset
+from ectfast.nets.engine import DEFAULT_PT
+from ectfast.io.pts import N_LANDMARKS
 
-N_LANDMARKS = 68
 WEIGHTS_FORMAT = "ectfast-fcn"
 WEIGHTS_VERSION = 1
-DEFAULT_WEIGHTS = asset("lite_300w.pt")
+DEFAULT_WEIGHTS = DEFAULT_PT  # the shipped lite network (one home: ectfast.nets.engine)
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 UPSAMPLE_FACTOR = 4

@@ -60,6 +60,7 @@ from ectfast.nets import data as D
 from ectfast.io.datasets import TRAIN_SUBSETS, VALIDATION_SUBSETS
 from ectfast.nets import model as netmod
 from ectfast.nets.model import count_parameters, read_weights, save_weights
+from ectfast.core import metrics
 from ectfast.core.peaks import subpixel_peaks
 
 CKPT_FORMAT = "ectfast-fcn-checkpoint"
@@ -86,13 +87,6 @@ def adaptive_wing(pred, target, peak: float, alpha: float = 2.1, omega: float = 
     loss = torch.where(d < theta, omega * torch.log1p((d / eps) ** p), A * d - C)
     fg = F.max_pool2d((y > 0.2).float(), 3, 1, 1)
     return (loss * (1 + fg_weight * fg)).mean()
-
-
-def nme_interocular(pred, gt) -> np.ndarray:
-    """Per-face NME (B,) normalised by the outer eye corners' distance (points 36 and 45)."""
-    pred, gt = np.asarray(pred, np.float64), np.asarray(gt, np.float64)
-    d = np.linalg.norm(gt[:, 36] - gt[:, 45], axis=-1)
-    return np.linalg.norm(pred - gt, axis=-1).mean(-1) / d
 
 
 def _atomic_save(obj, path) -> None:
@@ -350,7 +344,7 @@ class Trainer:
         if vs is None or len(vs) == 0:
             return float("nan")
         gt = D.transform_points(D.canonical_matrix(vs.stored_size, vs.context, self.frame), vs.landmarks)
-        return float(nme_interocular(self.predict(vs.images, batch_size), gt).mean())
+        return float(metrics.nme(self.predict(vs.images, batch_size), gt, "inter-ocular").mean())
 
     # -------------------------------------------------------------- the loop
     def plan(self, deadline: float, per_step: float, per_val: float) -> None:
