@@ -29,7 +29,8 @@ import ectfast
 from ectfast.nets import data as D
 from ectfast.core import metrics
 from ectfast.io.datasets import TRAIN_SUBSETS
-from ectfast.app.detector import NetEstimator, crops_to_input
+from ectfast.app.crops import crops_to_input
+from ectfast.nets.engine import TorchEstimator
 from ectfast.core.peaks import subpixel_peaks
 from ectfast.io.pts import read_pts
 
@@ -122,7 +123,7 @@ def spearman(a, b) -> float:
 
 
 def tune(args) -> int:
-    est = NetEstimator(args.weights, "cpu")
+    est = TorchEstimator(args.weights, "cpu")
     pdm = ectfast.default_pdm()
     faces = holdout_faces(args.data)
     t = time.time()
@@ -188,7 +189,7 @@ def tune(args) -> int:
 
 
 def report(args) -> int:
-    est = NetEstimator(args.weights, "cpu")
+    est = TorchEstimator(args.weights, "cpu")
     opts = dict(est.fit_options)
     pdm = ectfast.default_pdm()
     faces = D.list_faces(args.data, ["lfpw/testset"])

@@ -103,7 +103,7 @@ def run_ectfast(det, paths, repeat, workers):
 
 def stage_breakdown(det, paths, n=40):
     """ms per image (read, face search) and per face (crop, network, fit), sequential."""
-    from ectfast.app import detector as D
+    from ectfast.app import crops
     from ectfast.core.arrays import to_numpy
     from ectfast.io import images
 
@@ -116,7 +116,7 @@ def stage_breakdown(det, paths, n=40):
         t1 = time.perf_counter()
         boxes, angles, _ = det.find_faces_full(img)
         t2 = time.perf_counter()
-        crops, Ms = D.crop_faces([img], [0] * len(boxes), boxes, angles)
+        crops, Ms = crops.crop_faces([img], [0] * len(boxes), boxes, angles)
         t3 = time.perf_counter()
         t["read"] += t1 - t0
         t["faces"] += t2 - t1
@@ -127,7 +127,7 @@ def stage_breakdown(det, paths, n=40):
     from ectfast.core.fit import fit
 
     for s in range(0, k, det.batch_size):
-        x = D.crops_to_input(crops_all[s:s + det.batch_size])
+        x = crops.crops_to_input(crops_all[s:s + det.batch_size])
         t0 = time.perf_counter()
         maps = to_numpy(det.estimator(x))
         t1 = time.perf_counter()

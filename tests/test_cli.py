@@ -9,9 +9,10 @@ import pytest
 from ectfast import cli
 from ectfast.core import metrics
 from ectfast.app import detector as D
+from ectfast.nets import engine as engine_mod
 from ectfast.io.pts import read_pts, write_pts
 
-from ectfast.nets import data as crops  # noqa: E402
+from ectfast.nets import data as facedata  # noqa: E402
 from _e2e_helpers import FiducialEstimator, draw_dots, synthetic_face, template_shape  # noqa: F401
 
 
@@ -20,7 +21,7 @@ def fake_fcn(monkeypatch, pdm):
     """Replace the FCN by the fiducial fake (template = the synthetic template)."""
     T = template_shape(pdm)
     est = FiducialEstimator(T, strict=False)
-    monkeypatch.setattr(D, "make_estimator", lambda *a, **k: est)
+    monkeypatch.setattr(engine_mod, "make_estimator", lambda *a, **k: est)
     return T, est
 
 
@@ -31,7 +32,7 @@ def fake_haar(monkeypatch):
     table = {}
 
     def register(img, gt):
-        table[img.shape[:2]] = np.asarray(crops.box_from_landmarks(gt), float)[None]
+        table[img.shape[:2]] = np.asarray(facedata.box_from_landmarks(gt), float)[None]
 
     def fake(im):
         return table.get(im.shape[:2], np.zeros((0, 4)))
@@ -207,7 +208,7 @@ def test_detect_real_photo_with_real_haar(data_dir, tmp_path, monkeypatch, capsy
     p = tmp_path / "lenna.png"
     cv2.imwrite(str(p), img)
     est = FiducialEstimator(gt)
-    monkeypatch.setattr(D, "make_estimator", lambda *a, **k: est)
+    monkeypatch.setattr(engine_mod, "make_estimator", lambda *a, **k: est)
     rc = cli.main(["detect", str(p), "--out", str(tmp_path / "o"), "--json", "--method", "crm"])
     assert rc == 0
     faces = json.loads((tmp_path / "o" / "lenna.json").read_text())["faces"]

@@ -14,6 +14,8 @@ import pytest
 
 from ectfast import cli
 from ectfast.app import detector as D
+from ectfast.nets import engine as engine_mod
+from ectfast.app import crops
 from ectfast.cli import detect as detect_cmd
 from ectfast.io import images
 from ectfast.core.synthetic import gaussian_maps, peak_scale
@@ -62,7 +64,7 @@ whole_image_box.name = "fake-whole-image"
 @pytest.fixture
 def fake(monkeypatch, pdm):
     est = ConstEstimator(template_shape(pdm))
-    monkeypatch.setattr(D, "make_estimator", lambda *a, **k: est)
+    monkeypatch.setattr(engine_mod, "make_estimator", lambda *a, **k: est)
     monkeypatch.setattr(D, "default_face_detector", lambda: whole_image_box)
     return est
 
@@ -183,7 +185,7 @@ def test_landmarks_are_mapped_back_to_the_image(tmp_path, fake, capfd):
     assert cli.main(["detect", str(p), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
     doc = json.loads((tmp_path / "o" / "a.json").read_text())
     box = whole_image_box(img)[0]
-    M = D.crop_affine(box)
+    M = crops.crop_affine(box)
     inv = cv2.invertAffineTransform(M)
     expect = fake.crop_points @ inv[:, :2].T + inv[:, 2]
     got = np.array(doc["faces"][0]["landmarks"])

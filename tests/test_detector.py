@@ -8,11 +8,12 @@ import pytest
 
 import ectfast
 from ectfast.app import detector as D
+from ectfast.app import crops
 from ectfast.io import images
 from ectfast.core import metrics
 from ectfast.io.pts import read_pts
 
-from ectfast.nets import data as crops  # noqa: E402
+from ectfast.nets import data as facedata  # noqa: E402
 from _e2e_helpers import FiducialEstimator, draw_dots, synthetic_face, template_shape  # noqa: F401
 
 
@@ -31,7 +32,7 @@ def _box(data, gt):
 def test_single_image_returns_faces(scene):
     T, imgs, gts = scene
     det = ectfast.Detector(estimator=FiducialEstimator(T), method="crm")
-    faces = det.detect(imgs[0], boxes=_box(crops, gts[0]))
+    faces = det.detect(imgs[0], boxes=_box(facedata, gts[0]))
     assert isinstance(faces, list) and len(faces) == 1
     f = faces[0]
     assert f.landmarks.shape == (68, 2) and f.confidence.shape == (68,) and f.visible.shape == (68,)
@@ -46,18 +47,18 @@ def test_batch_goes_through_the_estimator_together(scene):
     T, imgs, gts = scene
     est = FiducialEstimator(T)
     det = ectfast.Detector(estimator=est, batch_size=16)
-    res = det.detect(imgs, boxes=[_box(crops, g) for g in gts])
+    res = det.detect(imgs, boxes=[_box(facedata, g) for g in gts])
     assert len(res) == 3 and all(len(r) == 1 for r in res)
     assert est.calls == 1 and est.faces == 3  # one estimator batch for all faces of all images
     for r, g in zip(res, gts):
         assert metrics.nme(r[0].landmarks, g)[0] < 0.01
     est2 = FiducialEstimator(T)
-    res2 = ectfast.Detector(estimator=est2, batch_size=2).detect(imgs, boxes=[_box(crops, g) for g in gts])
+    res2 = ectfast.Detector(estimator=est2, batch_size=2).detect(imgs, boxes=[_box(facedata, g) for g in gts])
     assert est2.calls == 2 and est2.faces == 3
     for a, b in zip(res, res2):
         np.testing.assert_allclose(a[0].landmarks, b[0].landmarks, atol=1e-9)
     # an (N, H, W, 3) array is a batch too
-    res3 = det.detect(np.stack(imgs), boxes=[_box(crops, g) for g in gts])
+    res3 = det.detect(np.stack(imgs), boxes=[_box(facedata, g) for g in gts])
     np.testing.assert_allclose(res3[1][0].landmarks, res[1][0].landmarks, atol=1e-9)
 
 
@@ -67,7 +68,7 @@ def test_two_faces_in_one_image_and_a_callable_face_detector(pdm):
     (a, ga), (b, gb) = synthetic_face(T, rng), synthetic_face(T, rng)
     img = np.concatenate([a, b], axis=1)  # side by side: the second face shifted by 320 px
     gb = gb + (320, 0)
-    boxes = np.concatenate([_box(crops, ga), _box(crops, gb)])
+    boxes = np.concatenate([_box(facedata, ga), _box(facedata, gb)])
     det = ectfast.Detector(estimator=FiducialEstimator(T), face_detector=lambda im: boxes)
     faces = det.detect(img)
     assert len(faces) == 2
@@ -80,7 +81,7 @@ def test_images_as_paths_rgb_and_64px_maps(scene, tmp_path):
     T, imgs, gts = scene
     p = tmp_path / "face.png"
     cv2.imwrite(str(p), imgs[0])
-    box = _box(crops, gts[0])
+    box = _box(facedata, gts[0])
     det = ectfast.Detector(estimator=FiducialEstimator(T, map_size=64))
     from_path = det.detect(str(p), boxes=box)[0].landmarks
     from_pathlib = det.detect(pathlib.Path(p), boxes=box)[0].landmarks
@@ -165,10 +166,10 @@ def test_bad_boxes_and_arguments(scene, pdm):
         no_det.detect(imgs[0])
     wrong = ectfast.Detector(estimator=lambda x: np.zeros((len(x), 68, 50, 50), np.float32))
     with pytest.raises(ValueError, match="50 px"):
-        wrong.detect(imgs[0], boxes=_box(crops, gts[0]))
+        wrong.detect(imgs[0], boxes=_box(facedata, gts[0]))
     wrong_n = ectfast.Detector(estimator=lambda x: np.zeros((len(x) + 1, 68, 64, 64), np.float32))
     with pytest.raises(ValueError, match="estimator"):
-        wrong_n.detect(imgs[0], boxes=_box(crops, gts[0]))
+        wrong_n.detect(imgs[0], boxes=_box(facedata, gts[0]))
 
 
 def test_no_shipped_weights_is_a_clear_error(no_shipped_network):
@@ -213,7 +214,7 @@ def test_photographs_with_landmark_boxes(data_dir, name):
     the .pts (CRM: argmax quantisation only, measured NME 0.0037..0.0048; ECT: the PDM's fit of
     a real shape, measured 0.013..0.028)."""
     img, gt = _photo(data_dir, name)
-    box = _box(crops, gt)
+    box = _box(facedata, gt)
     crm = ectfast.Detector(estimator=FiducialEstimator(gt), method="crm").detect(img, boxes=box)
     ect = ectfast.Detector(estimator=FiducialEstimator(gt)).detect(img, boxes=box)
     assert metrics.nme(crm[0].landmarks, gt)[0] < 0.008
@@ -233,7 +234,7 @@ def test_photographs_with_the_default_face_detector(data_dir, name):
         f = min(faces, key=lambda f: np.linalg.norm(f.landmarks.mean(0) - gt.mean(0)))
         assert metrics.nme(f.landmarks, gt)[0] < bound, method
         # the calibrated Haar box is close to the annotation's own box
-        ref = _box(crops, gt)[0]
+        ref = _box(facedata, gt)[0]
         side = ref[2] - ref[0]
         assert np.abs(f.box - ref).max() < 0.25 * side
 
@@ -268,7 +269,7 @@ def test_tilted_face_crop_is_levelled_by_the_eye_line(pdm, degrees):
     T = template_shape(pdm)
     img, gt = _tilted_face(T, degrees)
     eyes = np.array([gt[36:42].mean(0), gt[42:48].mean(0)])  # subject's right eye first (image left)
-    box = np.asarray(crops.box_from_landmarks(gt), float)
+    box = np.asarray(facedata.box_from_landmarks(gt), float)
 
     class FakeBlaze:
         name = "haar"  # any calibrated name; the box below is already the crop box's core
@@ -309,9 +310,9 @@ def test_crop_affine_rotation_and_inverse():
     import cv2 as _cv2
 
     box = (100.0, 50.0, 300.0, 250.0)
-    M0 = D.crop_affine(box, 0.0)
+    M0 = crops.crop_affine(box, 0.0)
     np.testing.assert_allclose(M0, [[1.28, 0, 127.5 - 1.28 * 200], [0, 1.28, 127.5 - 1.28 * 150]])
-    M = D.crop_affine(box, np.deg2rad(30))
+    M = crops.crop_affine(box, np.deg2rad(30))
     # the box centre stays at the crop centre; a vector at +30 degrees becomes horizontal
     c = np.array([200.0, 150.0])
     np.testing.assert_allclose(M[:, :2] @ c + M[:, 2], [127.5, 127.5])
@@ -319,12 +320,12 @@ def test_crop_affine_rotation_and_inverse():
     assert abs(v[1]) < 1e-12 and v[0] > 0
     pts = np.array([[[120.0, 70.0], [260.0, 240.0]]])
     crop_pts = pts @ M[:, :2].T + M[:, 2]
-    np.testing.assert_allclose(D.crop_to_image(crop_pts, M[None]), pts, atol=1e-9)
+    np.testing.assert_allclose(crops.crop_to_image(crop_pts, M[None]), pts, atol=1e-9)
     np.testing.assert_allclose(_cv2.invertAffineTransform(M) @ np.r_[127.5, 127.5, 1.0], c)
     with pytest.raises(ValueError, match="box"):
-        D.crop_affine((0, 0, 0, 0))
+        crops.crop_affine((0, 0, 0, 0))
     with pytest.raises(ValueError, match="angle"):
-        D.crop_affine(box, float("nan"))
+        crops.crop_affine(box, float("nan"))
 
 
 def test_visibility_threshold_is_checked(pdm):
@@ -391,7 +392,7 @@ def test_photographs_with_the_shipped_network(data_dir, name):
 def test_visibility_threshold_defaults_to_the_networks(scene):
     """tau: the Detector's when given, else the one stored with the network (its fit options)."""
     T, imgs, gts = scene
-    box = _box(crops, gts[0])
+    box = _box(facedata, gts[0])
     est = FiducialEstimator(T, occluded=range(0, 17))  # jaw maps all zero: confidence 0 there
     est.fit_options = {"visibility_threshold": 0.99}
     det = ectfast.Detector(estimator=est)

@@ -70,15 +70,15 @@ def test_onnx_matches_torch_on_256_crops(net_files):
 
 
 def test_crops_pooled_before_the_network_equal_pooling_after():
-    from ectfast.app import detector as D
+    from ectfast.app import crops as C
 
     crops = [(np.random.default_rng(k).random((256, 256, 3)) * 255).astype(np.uint8) for k in range(3)]
-    full = D.crops_to_input(crops)
+    full = C.crops_to_input(crops)
     assert full.shape == (3, 3, 256, 256)
     np.testing.assert_allclose(full[:, 0], np.stack(crops)[..., 2] / 255.0, atol=1e-6)  # RGB order
-    np.testing.assert_allclose(D.crops_to_input(crops, 128), E.pool_to(full, 128), atol=1e-6)
+    np.testing.assert_allclose(C.crops_to_input(crops, 128), E.pool_to(full, 128), atol=1e-6)
     ref = torch.nn.functional.avg_pool2d(torch.from_numpy(full), 4).numpy()
-    np.testing.assert_allclose(D.crops_to_input(crops, 64), ref, atol=1e-6)
+    np.testing.assert_allclose(C.crops_to_input(crops, 64), ref, atol=1e-6)
 
 
 def test_pool_to_is_avg_pool(net_files):

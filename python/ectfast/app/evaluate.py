@@ -36,7 +36,9 @@ import numpy as np
 
 from ectfast.core import metrics
 from ectfast.core.fit import METHODS
+from ectfast.app.crops import crop_faces
 from ectfast.io.images import load_image
+from ectfast.nets import engine as E
 from ectfast.nets.data import box_from_landmarks
 
 #: the methods (in ectfast.fit.METHODS order in tables and plots) as the paper names them
@@ -148,7 +150,7 @@ def evaluate(data, *, methods="all", boxes: str = "landmarks", estimator: Option
 
         face_detector = face_layer.default_detector()
     if estimator is None:
-        estimator = D.make_estimator(weights, device, engine)
+        estimator = E.make_estimator(weights, device, engine)
     elif not callable(estimator):
         raise TypeError(f"estimator: expected a callable, got {type(estimator).__name__}")
     pdm = pdm if pdm is not None else default_pdm()
@@ -210,7 +212,7 @@ def evaluate(data, *, methods="all", boxes: str = "landmarks", estimator: Option
                 chunk_paths.append(image_path)
                 chunk_occ.append(o)
             if chunk_imgs:
-                crops, Ms = D.crop_faces(chunk_imgs, range(len(chunk_imgs)), np.array(chunk_boxes))
+                crops, Ms = crop_faces(chunk_imgs, range(len(chunk_imgs)), np.array(chunk_boxes))
                 res = D.run_pipeline(estimator, crops, Ms, methods, pdm=pdm, backend=backend,
                                      batch_size=batch_size, fit_options=opts)
                 for m in methods:
