@@ -106,7 +106,7 @@ def _awing_pixel(p, y, alpha=2.1, omega=14.0, eps=1.0, theta=0.5):
 
 
 def test_adaptive_wing_matches_the_formula_and_weights_the_foreground():
-    from ectfast.nets.train import adaptive_wing
+    from ectfast.nets.losses import adaptive_wing
 
     peak = 2.0
     # one background pixel (y = 0), far from any foreground: weight 1, mean over 1 pixel... use a

@@ -7,7 +7,7 @@ are warped at 256 (``warp_torch``) and averaged 2 x 2 to the lite net's 128 inpu
 detector resizes its 256 crops; every network output gets a target at its own resolution
 (``data.target_maps_torch``: sigma 6 px of the 256 frame, the 256 target's peak 1.064).
 
-Loss (``--loss``): L2 per output for ``paper`` (the paper's), Adaptive Wing (foreground-weighted)
+Loss (``--loss``, :mod:`ectfast.nets.losses`): L2 per output for ``paper`` (the paper's), Adaptive Wing (foreground-weighted)
 for ``lite``, summed over the outputs (intermediate supervision). AdamW with a linear warm-up
 (first 3 % of the steps) then a cosine decay to 1 % of the peak learning rate; gradient-norm
 clipping. ``--minutes N`` sizes the schedule from the measured speed and re-plans it at every
@@ -28,6 +28,7 @@ optimizer, scheduler, grad scaler, RNG states, step, epoch, best NME, history, c
 atomically every ``--ckpt-every`` steps, when ``--max-minutes`` is reached and at the end, so a
 run stopped by a time limit resumes with ``--resume`` at the same step with the same batches
 (bit-identical on CPU; on CUDA up to cuDNN's non-determinism).
+(:mod:`ectfast.nets.checkpoint`: atomic writes, RNG states.)
 
 ``OUT/light.pt`` is the shipped-weights format (fp16, checksum, ``ectfast.nets.model.read_weights``)
 plus the training position: small enough (about 20 MB) to carry between machines. Resuming from
@@ -61,38 +62,16 @@ from ectfast.io.datasets import TRAIN_SUBSETS, VALIDATION_SUBSETS
 from ectfast.nets import model as netmod
 from ectfast.nets.model import count_parameters, read_weights, save_weights
 from ectfast.core import metrics
+from ectfast.nets.checkpoint import CKPT_FORMAT, atomic_save, rng_states, set_rng_states
+from ectfast.nets.losses import DEFAULT_LOSS, LOSSES, heatmap_loss
 from ectfast.core.peaks import subpixel_peaks
 
-CKPT_FORMAT = "ectfast-fcn-checkpoint"
 #: settings that fix the run's data order and schedule: a resume must keep them
 RUN_KEYS = ("arch", "loss", "epochs", "batch_size", "lr", "weight_decay", "seed", "input_size", "warmup",
             "n_train", "holdout")
 DEFAULTS = dict(arch="lite", loss=None, epochs=60, batch_size=32, lr=2e-3, weight_decay=1e-4, seed=0,
                 input_size=None, warmup=0.03, clip=5.0, holdout=150)
-#: heatmap loss per architecture when --loss is not given (measured: docs in the module docstring)
-DEFAULT_LOSS = {"lite": "awing", "lite-unet": "awing", "paper": "l2"}
 FRAME = D.INPUT_SIZE  # the fit's frame: landmarks and targets are placed in the 256 crop
-
-
-def adaptive_wing(pred, target, peak: float, alpha: float = 2.1, omega: float = 14.0, eps: float = 1.0,
-                  theta: float = 0.5, fg_weight: float = 10.0):
-    """Adaptive Wing loss (Wang et al., ICCV 2019) of heatmaps scaled by ``peak`` to [0, 1],
-    with the foreground (target > 0.2, dilated 3x3) weighted ``fg_weight`` + 1."""
-    y = target / peak
-    d = (pred / peak - y).abs()
-    p = alpha - y
-    r = (theta / eps) ** p
-    A = omega / (1 + r) * p * (theta / eps) ** (p - 1) / eps
-    C = theta * A - omega * torch.log1p(r)
-    loss = torch.where(d < theta, omega * torch.log1p((d / eps) ** p), A * d - C)
-    fg = F.max_pool2d((y > 0.2).float(), 3, 1, 1)
-    return (loss * (1 + fg_weight * fg)).mean()
-
-
-def _atomic_save(obj, path) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _lr_lambda(total: int, warmup: float):
@@ -105,21 +84,6 @@ def _lr_lambda(total: int, warmup: float):
         return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
 
     return f
-
-
-def _rng_states():
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def _set_rng_states(s) -> None:
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
 
 
 class Trainer:
@@ -136,8 +100,8 @@ class Trainer:
         if input_size % 8 or input_size < 16:
             raise ValueError(f"input_size: expected a multiple of 8 >= 16, got {input_size}")
         loss = DEFAULT_LOSS[arch] if loss is None else loss
-        if loss not in ("l2", "awing"):
-            raise ValueError(f"loss: expected 'l2' or 'awing', got {loss!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
         self.out = os.fspath(out)
         os.makedirs(self.out, exist_ok=True)
         self.cfg = dict(arch=arch, loss=loss, epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
@@ -191,12 +155,12 @@ class Trainer:
     def state(self) -> dict:
         return {"format": CKPT_FORMAT, "version": 1, "model": self.model.state_dict(),
                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": _rng_states(), "step": self.step,
+                "scaler": self.scaler.state_dict(), "rng": rng_states(), "step": self.step,
                 "epoch": self.step // self.steps_per_epoch, "best_nme": self.best_nme,
                 "history": self.history, "config": self.cfg}
 
     def save(self) -> None:
-        _atomic_save(self.state(), os.path.join(self.out, "last.pt"))
+        atomic_save(self.state(), os.path.join(self.out, "last.pt"))
         save_weights(self.model, os.path.join(self.out, "light.pt"), meta=self._position())
 
     def _position(self) -> dict:
@@ -226,7 +190,7 @@ class Trainer:
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
         self.scaler.load_state_dict(ck["scaler"])
-        _set_rng_states(ck["rng"])
+        set_rng_states(ck["rng"])
         self.step, self.best_nme, self.history = ck["step"], ck["best_nme"], ck["history"]
 
     def load_light(self, path) -> None:
@@ -300,11 +264,7 @@ class Trainer:
             outs = self.fwd(self._prep(x))
         outs = [o.float() for o in outs]
         tgts = self.targets(outs, lm, vis)
-        if self.cfg["loss"] == "awing":
-            peak = float(D.peak_scale(D.TARGET_SIGMA_256))
-            parts = [adaptive_wing(o, t, peak) for o, t in zip(outs, tgts)]
-        else:
-            parts = [F.mse_loss(o, t) for o, t in zip(outs, tgts)]
+        parts = [heatmap_loss(self.cfg["loss"], o, t) for o, t in zip(outs, tgts)]
         return sum(parts), parts
 
     def train_step(self):
@@ -394,24 +354,9 @@ class Trainer:
             n_log += 1
             timed_out = max_minutes is not None and time.monotonic() - t0 > 60 * max_minutes
             if self.step % self.log_every == 0 or self.step == stop_at or timed_out:
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
                 now = time.monotonic()
-                ips = n_log * B / max(now - t_log, 1e-9)
-                last = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": float(loss),
-                        "parts": [float(p) for p in parts], "lr": self.sched.get_last_lr()[0], "img_per_s": ips}
-                if not math.isfinite(last["loss"]):
-                    raise FloatingPointError(f"training diverged at step {self.step}: loss {last['loss']}")
-                self.history.append(last)
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(last) + "\n")
+                last = self._log_step(loss, parts, n_log * B / max(now - t_log, 1e-9), log_path, bar)
                 t_log, n_log = now, 0
-                if bar is not None:
-                    bar.set_postfix(loss=f"{last['loss']:.5f}", img_s=f"{ips:.0f}")
-                elif self.verbose:
-                    print(f"step {self.step}/{self.total_steps} epoch {last['epoch']:.2f} loss {last['loss']:.5f} "
-                          f"(outputs {' '.join(f'{p:.5f}' for p in last['parts'])}) "
-                          f"lr {last['lr']:.2e} {ips:.0f} img/s", file=sys.stderr, flush=True)
             if bar is not None:
                 bar.update(1)
                 bar.set_description(f"FCN epoch {self.step // self.steps_per_epoch}")
@@ -426,20 +371,7 @@ class Trainer:
                     if bar is not None:
                         bar.total = self.total_steps
                 if math.isfinite(nme):
-                    rec = {"step": self.step, "val_nme": nme}
-                    self.history.append(rec)
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
-                    msg = f"step {self.step}: validation NME (inter-ocular, sub-pixel peaks) {nme:.4f}"
-                    if bar is not None:
-                        bar.write(msg)
-                        bar.set_postfix(loss=f"{float(loss):.5f}", val_nme=f"{nme:.4f}")
-                    elif self.verbose:
-                        print(msg, file=sys.stderr, flush=True)
-                    if nme < self.best_nme:
-                        self.best_nme = nme
-                        _atomic_save({"model": self.model.state_dict(), "step": self.step, "val_nme": nme,
-                                      "config": self.cfg}, os.path.join(self.out, "best.pt"))
+                    self._log_validation(nme, loss, log_path, bar)
             if timed_out:
                 reason = "max-minutes"
                 break
@@ -453,6 +385,42 @@ class Trainer:
         return {"step": self.step, "total_steps": self.total_steps, "epoch": self.step / self.steps_per_epoch,
                 "stopped": reason, "best_nme": self.best_nme, "last": last,
                 "checkpoint": os.path.join(self.out, "last.pt")}
+
+    def _log_step(self, loss, parts, ips: float, log_path: str, bar) -> dict:
+        """One training log record: to the history, OUT/log.jsonl and the bar (or a line)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        last = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": float(loss),
+                "parts": [float(p) for p in parts], "lr": self.sched.get_last_lr()[0], "img_per_s": ips}
+        if not math.isfinite(last["loss"]):
+            raise FloatingPointError(f"training diverged at step {self.step}: loss {last['loss']}")
+        self.history.append(last)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(last) + "\n")
+        if bar is not None:
+            bar.set_postfix(loss=f"{last['loss']:.5f}", img_s=f"{ips:.0f}")
+        elif self.verbose:
+            print(f"step {self.step}/{self.total_steps} epoch {last['epoch']:.2f} loss {last['loss']:.5f} "
+                  f"(outputs {' '.join(f'{p:.5f}' for p in last['parts'])}) "
+                  f"lr {last['lr']:.2e} {ips:.0f} img/s", file=sys.stderr, flush=True)
+        return last
+
+    def _log_validation(self, nme: float, loss, log_path: str, bar) -> None:
+        """One validation record; the best model so far goes to OUT/best.pt."""
+        rec = {"step": self.step, "val_nme": nme}
+        self.history.append(rec)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        msg = f"step {self.step}: validation NME (inter-ocular, sub-pixel peaks) {nme:.4f}"
+        if bar is not None:
+            bar.write(msg)
+            bar.set_postfix(loss=f"{float(loss):.5f}", val_nme=f"{nme:.4f}")
+        elif self.verbose:
+            print(msg, file=sys.stderr, flush=True)
+        if nme < self.best_nme:
+            self.best_nme = nme
+            atomic_save({"model": self.model.state_dict(), "step": self.step, "val_nme": nme,
+                         "config": self.cfg}, os.path.join(self.out, "best.pt"))
 
     def export(self, path) -> str:
         best = os.path.join(self.out, "best.pt")
