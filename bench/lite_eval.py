@@ -160,7 +160,7 @@ def tune(args) -> int:
     cov = np.concatenate([c.ravel() for c in covered])
     print("| tau | precision | recall | F1 |\n|---|---|---|---|")
     f1s = []
-    for tau in np.round(np.arange(0.05, 0.61, 0.05), 2):
+    for tau in (0.005, 0.01, 0.02, 0.03, 0.04, *np.round(np.arange(0.05, 0.61, 0.05), 2)):
         pred = conf < tau
         tp = (pred & cov).sum()
         p, r = tp / max(1, pred.sum()), tp / max(1, cov.sum())
