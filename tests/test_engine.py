@@ -58,6 +58,27 @@ def test_onnx_file_carries_the_metadata(net_files, capsys):
     assert os.path.getsize(onnx_path) < 2 * 2**20  # float32, 0.24 M parameters
 
 
+def test_test_time_flip_averages_the_mirrored_maps(net_files):
+    from ectfast.nets.data import FLIP_68
+
+    # the 68-point mirror (iBUG order): jaw ends, outer eye corners, mouth corners swap; the
+    # chin, nose tip and the lips' centre points stay
+    assert (FLIP_68[0], FLIP_68[16], FLIP_68[36], FLIP_68[45], FLIP_68[48], FLIP_68[54]) == (16, 0, 45, 36, 54, 48)
+    assert (FLIP_68[8], FLIP_68[30], FLIP_68[51], FLIP_68[57], FLIP_68[62], FLIP_68[66]) == (8, 30, 51, 57, 62, 66)
+    pt, onnx_path, _ = net_files
+    x = _crops(3, seed=5)
+    for make in (lambda f: E.OnnxEstimator(onnx_path, flip=f), lambda f: E.TorchEstimator(pt, device="cpu", flip=f)):
+        plain, flipped = make(False), make(True)
+        assert plain.flip is False and flipped.flip is True
+        m = np.asarray(plain(x))
+        mm = np.asarray(plain(np.ascontiguousarray(x[..., ::-1])))
+        want = 0.5 * (m + mm[:, FLIP_68][..., ::-1])  # the mirrored face's maps, mirrored back
+        np.testing.assert_allclose(np.asarray(flipped(x)), want, rtol=1e-5, atol=1e-5)  # batch 6 vs 3: rounding
+    assert E.make_estimator(onnx_path, flip=False).flip is False and E.make_estimator(onnx_path).flip is E.DEFAULT_FLIP
+    with pytest.raises(ValueError, match="maps: test-time flip"):
+        E.flip_average(np.zeros((1, 68, 8, 8)), np.zeros((1, 68, 8, 4)))
+
+
 def test_onnx_matches_torch_on_256_crops(net_files):
     pt, onnx_path, _ = net_files
     o = E.OnnxEstimator(onnx_path)

@@ -221,12 +221,14 @@ class Detector:
     visibility_threshold: tau in [0, 1] (None: the network's own, ``meta["fit"]["visibility_threshold"]``
         in its weights, else ectfast.fit's 0.5); fit_options: more keyword arguments for ectfast.fit.
     threads: the engine's CPU threads (None: its default).
+    flip: test-time flip of the network (``ectfast.nets.engine.flip_average``; default on): twice the
+        network's time for a lower error. Ignored with ``estimator``.
     """
 
     def __init__(self, device: str = "auto", backend: str = "auto", weights=None, estimator=None,
                  face_detector="auto", *, engine: str = "auto", align: bool = True, method: str = "ect",
                  pdm=None, batch_size: int = 16, visibility_threshold: Optional[float] = None,
-                 fit_options: Optional[dict] = None, threads: Optional[int] = None):
+                 fit_options: Optional[dict] = None, threads: Optional[int] = None, flip: bool = E.DEFAULT_FLIP):
         from ectfast.core import _dispatch
         from ectfast.core.pdm import PDM, default_pdm
 
@@ -265,7 +267,7 @@ class Detector:
         self.fit_options = dict(fit_options or {})
         if tau is not None:
             self.fit_options["visibility_threshold"] = tau
-        self.estimator = estimator if estimator is not None else E.make_estimator(weights, device, engine, threads)
+        self.estimator = estimator if estimator is not None else E.make_estimator(weights, device, engine, threads, flip)
 
     # -- names for reports
     @property

@@ -119,7 +119,7 @@ def _pick_detection(candidates: np.ndarray, gt: np.ndarray, gt_box: np.ndarray) 
 
 def evaluate(data, *, methods="all", boxes: str = "landmarks", estimator: Optional[Callable] = None,
              weights=None, device: str = "auto", backend: str = "auto", batch_size: int = 8,
-             engine: str = "auto",
+             engine: str = "auto", flip: bool = E.DEFAULT_FLIP,
              out=None, occlusion_labels: bool = False, norm: str = "inter-ocular", pdm=None,
              visibility_threshold: float = 0.5, progress: bool = True,
              fit_options: Optional[dict] = None) -> EvalResult:
@@ -150,7 +150,7 @@ def evaluate(data, *, methods="all", boxes: str = "landmarks", estimator: Option
 
         face_detector = face_layer.default_detector()
     if estimator is None:
-        estimator = E.make_estimator(weights, device, engine)
+        estimator = E.make_estimator(weights, device, engine, flip=flip)
     elif not callable(estimator):
         raise TypeError(f"estimator: expected a callable, got {type(estimator).__name__}")
     pdm = pdm if pdm is not None else default_pdm()

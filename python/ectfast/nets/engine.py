@@ -8,7 +8,10 @@ response maps ``(B, 68, h, h)`` (h = 32 for the lite network: ``ectfast.fit`` th
 * ``input_size``: the network's input side (128 for ``lite``, 256 for ``paper``);
 * ``fit_options``: ``ectfast.fit`` keyword arguments chosen for this network (from its weights'
   metadata, ``meta["fit"]``);
-* ``engine``, ``device``, ``arch``, ``sha256`` (of the PyTorch state dict it comes from).
+* ``engine``, ``device``, ``arch``, ``sha256`` (of the PyTorch state dict it comes from);
+* ``flip``: test-time flip (:func:`flip_average`): the network also runs on the mirrored crops
+  and the two sets of maps are averaged, landmarks re-ordered by the 68-point mirror. Twice the
+  network's time for a lower error (bench/RESULTS.md, "Lite network").
 
 Engines
 -------
@@ -34,6 +37,7 @@ from typing import Optional
 import numpy as np
 
 from ectfast.assets import asset
+from ectfast.nets.data import FLIP_68
 
 ENGINES = ("auto", "onnxruntime", "torch")
 #: the order engine="auto" tries on CPU (measured: ONNX Runtime is faster, bench/RESULTS.md)
@@ -142,6 +146,25 @@ def pool_to(x: np.ndarray, size: int) -> np.ndarray:
     return x.reshape(b, c, size, k, size, k).mean(axis=(3, 5), dtype=np.float32)
 
 
+#: test-time flip by default (see the module docstring)
+DEFAULT_FLIP = True
+
+
+def flip_average(maps, maps_of_mirrored):
+    """Test-time flip: the maps of crops (B, 68, h, w) averaged with the maps the network gave for
+    the same crops mirrored left-right, those mirrored back and their landmarks re-ordered by the
+    68-point mirror (``FLIP_68``: the mirrored face's left eye is the face's right eye). NumPy
+    arrays or torch tensors."""
+    if maps.shape != maps_of_mirrored.shape or maps.shape[1] != len(FLIP_68):
+        raise ValueError(f"maps: test-time flip needs two (B, {len(FLIP_68)}, h, w) sets of maps of the same "
+                         f"shape, got {tuple(maps.shape)} and {tuple(maps_of_mirrored.shape)}")
+    if isinstance(maps, np.ndarray):
+        back = maps_of_mirrored[:, FLIP_68, :, ::-1]
+    else:  # torch
+        back = maps_of_mirrored[:, FLIP_68.tolist()].flip(-1)
+    return 0.5 * (maps + back)
+
+
 def _check_crops(crops) -> np.ndarray:
     x = np.ascontiguousarray(crops, dtype=np.float32)
     if x.ndim != 4 or x.shape[1] != 3:
@@ -205,11 +228,11 @@ class OnnxEstimator:
 
     path: the .onnx file (None: the shipped ``assets/lite_300w.onnx``). device: 'cpu' (or
     'auto'), or 'cuda'/'cuda:N' where onnxruntime has the CUDA provider. threads: ONNX Runtime's
-    intra-op threads (None: its default, one per core)."""
+    intra-op threads (None: its default, one per core). flip: test-time flip."""
 
     engine = "onnxruntime"
 
-    def __init__(self, path=None, device: str = "cpu", threads: Optional[int] = None):
+    def __init__(self, path=None, device: str = "cpu", threads: Optional[int] = None, flip: bool = DEFAULT_FLIP):
         ort = _ort()
         device = check_device(device)
         providers = ort.get_available_providers()
@@ -234,10 +257,14 @@ class OnnxEstimator:
         self._input = inputs[0].name
         outs = [o.name for o in self.session.get_outputs()]
         self._output = OUTPUT_NAMES[1] if OUTPUT_NAMES[1] in outs else outs[-1]
+        self.flip = bool(flip)
 
     def __call__(self, crops) -> np.ndarray:
         x = pool_to(_check_crops(crops), self.input_size)
-        return self.session.run([self._output], {self._input: x})[0]
+        if not self.flip:
+            return self.session.run([self._output], {self._input: x})[0]
+        both = self.session.run([self._output], {self._input: np.concatenate([x, x[..., ::-1]])})[0]
+        return flip_average(both[:len(x)], both[len(x):])
 
 
 # ------------------------------------------------------------------ PyTorch
@@ -249,7 +276,8 @@ class TorchEstimator:
 
     engine = "torch"
 
-    def __init__(self, weights=None, device: str = "auto", threads: Optional[int] = None):
+    def __init__(self, weights=None, device: str = "auto", threads: Optional[int] = None,
+                 flip: bool = DEFAULT_FLIP):
         torch = _torch()
         device = check_device(device)
         if device == "auto":
@@ -272,6 +300,11 @@ class TorchEstimator:
         self.sha256 = model.read_weights(self.path).get("sha256")
         #: fit parameters chosen for this network's maps (stored with its weights)
         self.fit_options = dict(self.meta.get("fit") or {})
+        self.flip = bool(flip)
+
+    def _maps(self, x):
+        out = self.net(x)
+        return out[-1] if isinstance(out, (tuple, list)) else out
 
     def __call__(self, crops):
         torch = self.torch
@@ -279,8 +312,10 @@ class TorchEstimator:
             x = torch.from_numpy(_check_crops(crops)).to(self.device)
             if x.shape[-1] > self.input_size:  # block averaging = the training crops' resize
                 x = torch.nn.functional.avg_pool2d(x, x.shape[-1] // self.input_size)
-            out = self.net(x)
-            return out[-1] if isinstance(out, (tuple, list)) else out
+            if not self.flip:
+                return self._maps(x)
+            both = self._maps(torch.cat([x, x.flip(-1)]))
+            return flip_average(both[:len(x)], both[len(x):])
 
 
 # ------------------------------------------------------------------ the choice
@@ -345,7 +380,8 @@ def _torch_cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def make_estimator(weights=None, device: str = "auto", engine: str = "auto", threads: Optional[int] = None):
+def make_estimator(weights=None, device: str = "auto", engine: str = "auto", threads: Optional[int] = None,
+                   flip: bool = DEFAULT_FLIP):
     """The network as an estimator (crops -> maps) on ``engine`` ('auto', 'onnxruntime', 'torch').
 
     weights: None (the shipped network), a ``.onnx`` file (ONNX Runtime) or a ``.pt`` weights
@@ -359,18 +395,18 @@ def make_estimator(weights=None, device: str = "auto", engine: str = "auto", thr
     if chosen == "torch":
         if weights is None and not os.path.isfile(DEFAULT_PT):
             raise FileNotFoundError(NO_WEIGHTS_MESSAGE)
-        return TorchEstimator(weights, device, threads)
+        return TorchEstimator(weights, device, threads, flip)
     if _is_onnx(weights):
-        return OnnxEstimator(weights, device, threads)
+        return OnnxEstimator(weights, device, threads, flip)
     onnx_path = _sibling_onnx(weights)
     if onnx_path is not None:
-        est = OnnxEstimator(onnx_path, device, threads)
+        est = OnnxEstimator(onnx_path, device, threads, flip)
         if weights is not None:
             _check_same_weights(weights, est)
         return est
     if weights is None:
         raise FileNotFoundError(NO_WEIGHTS_MESSAGE)
-    return _converted(weights, device, threads)
+    return _converted(weights, device, threads, flip)
 
 
 def _pt_sha256(path) -> Optional[str]:
@@ -393,7 +429,7 @@ def _check_same_weights(weights, est) -> None:
                          f"--weights {os.fspath(weights)} --out {est.path}`")
 
 
-def _converted(weights, device, threads) -> OnnxEstimator:
+def _converted(weights, device, threads, flip) -> OnnxEstimator:
     """A .pt converted to ONNX in memory (needs torch and onnx)."""
     import tempfile
 
@@ -403,6 +439,6 @@ def _converted(weights, device, threads) -> OnnxEstimator:
     with tempfile.TemporaryDirectory(prefix="ectfast-onnx-") as tmp:
         path = os.path.join(tmp, "net.onnx")
         export.export_weights(weights, path, check=False)
-        est = OnnxEstimator(path, device, threads)
+        est = OnnxEstimator(path, device, threads, flip)
         est.path = f"{os.fspath(weights)} (converted to ONNX in memory)"
     return est
