@@ -175,6 +175,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--face-detector", default="auto")
     ap.add_argument("--no-align", action="store_true", help="crops not rotated by the eye line")
+    ap.add_argument("--no-flip", action="store_true", help="no test-time flip (the network runs once per face)")
     ap.add_argument("--repeat", type=int, default=2, help="timed passes per engine; the best is kept (default 2)")
     ap.add_argument("--dlib-model", default=None,
                     help="dlib's shape_predictor_68_face_landmarks.dat: adds dlib (HOG + shape predictor) side by side")
@@ -212,12 +213,12 @@ def main(argv=None) -> int:
           f"onnxruntime {onnxruntime.__version__}, python {platform.python_version()}, {os.cpu_count()} CPUs")
     print(f"images: {len(paths)} from {', '.join(args.images)} ({sum(g is not None for g in gts)} annotated); "
           f"weights {pt}; batch {args.batch_size}; engine threads {args.threads}; workers {args.workers}; "
-          f"crops {'not ' if args.no_align else ''}levelled by the eye line")
+          f"crops {'not ' if args.no_align else ''}levelled by the eye line; test-time flip {not args.no_flip}")
     rows, results = [], {}
     for eng in args.engines:
         det = Detector(device="cpu", engine=eng, weights=pt if eng == "torch" else onnx_path,
                        face_detector=args.face_detector, batch_size=args.batch_size, threads=args.threads,
-                       align=not args.no_align)
+                       align=not args.no_align, flip=not args.no_flip)
         dt, faces, lms, failed = run_ectfast(det, paths, args.repeat, args.workers)
         per_img, per_face, k = stage_breakdown(det, paths)
         mean, med, found, total = score(lms, gts)
