@@ -123,7 +123,7 @@ def spearman(a, b) -> float:
 
 
 def tune(args) -> int:
-    est = TorchEstimator(args.weights, "cpu", flip=not args.no_flip)
+    est = TorchEstimator(args.weights, "cpu", flip=args.flip)
     pdm = ectfast.default_pdm()
     faces = holdout_faces(args.data)
     t = time.time()
@@ -189,7 +189,7 @@ def tune(args) -> int:
 
 
 def report(args) -> int:
-    est = TorchEstimator(args.weights, "cpu", flip=not args.no_flip)
+    est = TorchEstimator(args.weights, "cpu", flip=args.flip)
     opts = dict(est.fit_options)
     pdm = ectfast.default_pdm()
     faces = D.list_faces(args.data, ["lfpw/testset"])
@@ -271,7 +271,7 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("tune")
     t.add_argument("--weights", default=None)
-    t.add_argument("--no-flip", action="store_true", help="no test-time flip (the product's default is on)")
+    t.add_argument("--flip", action="store_true", help="test-time flip (the product's default is off)")
     t.add_argument("--data", default=ROOT)
     t.add_argument("--a", type=float, nargs="+", default=[0.05, 0.1, 0.25, 0.5, 1.0])
     t.add_argument("--b", type=float, nargs="+", default=[5, 10, 15, 20, 25, 30, 40])
@@ -279,7 +279,7 @@ def main(argv=None) -> int:
     t.add_argument("--write", action="store_true", help="store the chosen values in the weights file's meta['fit']")
     r = sub.add_parser("report")
     r.add_argument("--weights", default=None)
-    r.add_argument("--no-flip", action="store_true", help="no test-time flip (the product's default is on)")
+    r.add_argument("--flip", action="store_true", help="test-time flip (the product's default is off)")
     r.add_argument("--data", default=ROOT)
     r.add_argument("--out", default="bench/lite_report")
     a = p.parse_args(argv)

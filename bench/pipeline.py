@@ -103,7 +103,7 @@ def run_ectfast(det, paths, repeat, workers):
 
 def stage_breakdown(det, paths, n=40):
     """ms per image (read, face search) and per face (crop, network, fit), sequential."""
-    from ectfast.app import crops
+    from ectfast.app import crops as C
     from ectfast.core.arrays import to_numpy
     from ectfast.io import images
 
@@ -116,7 +116,7 @@ def stage_breakdown(det, paths, n=40):
         t1 = time.perf_counter()
         boxes, angles, _ = det.find_faces_full(img)
         t2 = time.perf_counter()
-        crops, Ms = crops.crop_faces([img], [0] * len(boxes), boxes, angles)
+        crops, Ms = C.crop_faces([img], [0] * len(boxes), boxes, angles)
         t3 = time.perf_counter()
         t["read"] += t1 - t0
         t["faces"] += t2 - t1
@@ -127,7 +127,7 @@ def stage_breakdown(det, paths, n=40):
     from ectfast.core.fit import fit
 
     for s in range(0, k, det.batch_size):
-        x = crops.crops_to_input(crops_all[s:s + det.batch_size])
+        x = C.crops_to_input(crops_all[s:s + det.batch_size])
         t0 = time.perf_counter()
         maps = to_numpy(det.estimator(x))
         t1 = time.perf_counter()
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--face-detector", default="auto")
     ap.add_argument("--no-align", action="store_true", help="crops not rotated by the eye line")
-    ap.add_argument("--no-flip", action="store_true", help="no test-time flip (the network runs once per face)")
+    ap.add_argument("--flip", action="store_true", help="test-time flip (the network runs twice per face)")
     ap.add_argument("--repeat", type=int, default=2, help="timed passes per engine; the best is kept (default 2)")
     ap.add_argument("--dlib-model", default=None,
                     help="dlib's shape_predictor_68_face_landmarks.dat: adds dlib (HOG + shape predictor) side by side")
@@ -213,12 +213,12 @@ def main(argv=None) -> int:
           f"onnxruntime {onnxruntime.__version__}, python {platform.python_version()}, {os.cpu_count()} CPUs")
     print(f"images: {len(paths)} from {', '.join(args.images)} ({sum(g is not None for g in gts)} annotated); "
           f"weights {pt}; batch {args.batch_size}; engine threads {args.threads}; workers {args.workers}; "
-          f"crops {'not ' if args.no_align else ''}levelled by the eye line; test-time flip {not args.no_flip}")
+          f"crops {'not ' if args.no_align else ''}levelled by the eye line; test-time flip {args.flip}")
     rows, results = [], {}
     for eng in args.engines:
         det = Detector(device="cpu", engine=eng, weights=pt if eng == "torch" else onnx_path,
                        face_detector=args.face_detector, batch_size=args.batch_size, threads=args.threads,
-                       align=not args.no_align, flip=not args.no_flip)
+                       align=not args.no_align, flip=args.flip)
         dt, faces, lms, failed = run_ectfast(det, paths, args.repeat, args.workers)
         per_img, per_face, k = stage_breakdown(det, paths)
         mean, med, found, total = score(lms, gts)

@@ -221,8 +221,8 @@ class Detector:
     visibility_threshold: tau in [0, 1] (None: the network's own, ``meta["fit"]["visibility_threshold"]``
         in its weights, else ectfast.fit's 0.5); fit_options: more keyword arguments for ectfast.fit.
     threads: the engine's CPU threads (None: its default).
-    flip: test-time flip of the network (``ectfast.nets.engine.flip_average``; default on): twice the
-        network's time for a lower error. Ignored with ``estimator``.
+    flip: test-time flip of the network (``ectfast.nets.engine.flip_average``; default off): twice the
+        network's time. Ignored with ``estimator``.
     """
 
     def __init__(self, device: str = "auto", backend: str = "auto", weights=None, estimator=None,

@@ -10,7 +10,7 @@ from ectfast.core.synthetic import TARGET_SIGMA_256, peak_scale
 
 LOSSES = ("l2", "awing")
 #: heatmap loss per architecture when --loss is not given
-DEFAULT_LOSS = {"lite": "awing", "lite-unet": "awing", "paper": "l2"}
+DEFAULT_LOSS = {"lite": "awing", "paper": "l2"}
 
 
 def adaptive_wing(pred, target, peak: float, alpha: float = 2.1, omega: float = 14.0, eps: float = 1.0,

@@ -5,7 +5,7 @@ PyTorch; ``import ectfast`` does not import this module. Chosen by name (:func:`
 ==========  ==========  ===========  ==========  ==========  =======================================
 arch        input       maps         parameters  GFLOP/face  use
 ==========  ==========  ===========  ==========  ==========  =======================================
-``lite``    128 x 128   32 x 32      0.24 M      0.22        the default; ships in the package
+``lite``    128 x 128   32 x 32      0.68 M      0.64        the default; ships in the package
 ``paper``   256 x 256   64 x 64 (+   10.0 M      93          the paper's FCN, for GPU users
                         256 x 256)
 ==========  ==========  ===========  ==========  ==========  =======================================
@@ -17,12 +17,15 @@ upsample=8)`` (map pixel ``i`` sits at ``8 i + 3.5`` of the 256 frame), so the f
 rho and the target scale of Eq. 15 are the paper's. The paper FCN's 64 x 64 maps use
 ``upsample=4``.
 
-The lite network (:class:`LiteNet`) keeps the paper's ideas in a CPU-sized form: a PrimaryNet
-(MobileNetV2-style encoder with depthwise-separable multi-scale dilated blocks, a light top-down
-decoder) gives intermediate-supervision maps, and a FusionNet (the primary maps concatenated with
-the decoder features, two dilated-inception blocks with dilations 1, 2, 3 and a 5x5 d3 branch)
-gives the final maps; BatchNorm after every convolution. Its ``forward`` returns
-``(primary32, fusion32)``.
+The lite network (:class:`LiteUNet`) keeps the paper's ideas in a CPU-sized form: a PrimaryNet
+(a U-Net of dense 3 x 3 convolutions, 128 -> 8 px and back to 32 px, with depthwise-separable
+multi-scale dilated blocks at 8 px) gives intermediate-supervision maps, and a FusionNet (the
+primary maps concatenated with the decoder features, two depthwise-separable dilated-inception
+blocks with dilations 1, 2, 3 and a 5x5 d3 branch) gives the final maps; BatchNorm after every
+convolution. Its ``forward`` returns ``(primary32, fusion32)``. It replaced a MobileNetV2-style
+form (0.24 M parameters, 0.22 GFLOP) that cost as much per training step on this project's CPU
+(the backward pass of depthwise convolutions is slow there) and learned less (bench/RESULTS.md,
+"Lite network").
 
 The paper FCN (:class:`FCN`) follows.
 
@@ -216,28 +219,6 @@ def conv_bn(cin: int, cout: int, k: int = 1, stride: int = 1, act: bool = True) 
     return nn.Sequential(nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, bias=False), *_bn_act(cout, act))
 
 
-def ds_conv(cin: int, cout: int, k: int = 3, d: int = 1, stride: int = 1) -> nn.Sequential:
-    """Depthwise-separable conv: depthwise k x k (dilation d) + BN + ReLU, pointwise + BN + ReLU."""
-    return nn.Sequential(nn.Conv2d(cin, cin, k, stride, d * (k - 1) // 2, dilation=d, groups=cin, bias=False),
-                         *_bn_act(cin), nn.Conv2d(cin, cout, 1, bias=False), *_bn_act(cout))
-
-
-class InvertedResidual(nn.Module):
-    """MobileNetV2 block: 1x1 expand, 3x3 depthwise (stride s), 1x1 project; residual when shapes agree."""
-
-    def __init__(self, cin: int, cout: int, stride: int = 1, expand: int = 4):
-        super().__init__()
-        h = cin * expand
-        self.body = nn.Sequential(conv_bn(cin, h, 1),
-                                  nn.Conv2d(h, h, 3, stride, 1, groups=h, bias=False), *_bn_act(h),
-                                  conv_bn(h, cout, 1, act=False))
-        self.residual = stride == 1 and cin == cout
-
-    def forward(self, x):
-        y = self.body(x)
-        return x + y if self.residual else y
-
-
 class DilatedInception(nn.Module):
     """The paper's multi-scale dilated block in depthwise-separable form: parallel depthwise
     k x k convolutions with dilations ``specs`` = [(k, d), ...], each projected to C / len(specs)
@@ -261,63 +242,8 @@ def _up2(x):
     return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
 
 
-class LiteNet(nn.Module):
-    """The CPU-sized ECT estimation network (see the module docstring's table).
-
-    PrimaryNet: a MobileNetV2-style encoder (128 -> 64 -> 32 -> 16 -> 8 px) with two dilated
-    inception blocks at 8 px, and a light top-down decoder back to 32 px -> 68 primary maps
-    (32 x 32, intermediate supervision). FusionNet: the primary maps concatenated with the 32-px
-    decoder features, two dilated inception blocks (dilations 1, 2, 3 and a 5x5 d3 branch, as
-    the paper's FusionNet), upsampled to 64 px with the 64-px encoder features -> 68 maps
-    (64 x 64, the paper's FusionNet resolution). ``forward(x)`` -> (primary32, fusion64)."""
-
-    def __init__(self, n_landmarks: int = N_LANDMARKS, width: int = 64, expand: int = 4, map_size: int = 32):
-        super().__init__()
-        self.n_landmarks = n_landmarks
-        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1))
-        w = width
-        self.stem = nn.Sequential(conv_bn(3, 16, 3, 2), ds_conv(16, 24))                      # 64 px
-        self.enc32 = nn.Sequential(InvertedResidual(24, 40, 2, expand), InvertedResidual(40, 40, expand=expand))      # 32 px
-        self.enc16 = nn.Sequential(InvertedResidual(40, 64, 2, expand), InvertedResidual(64, 64, expand=expand),
-                                   InvertedResidual(64, 64, expand=expand))                                   # 16 px
-        self.enc8 = nn.Sequential(InvertedResidual(64, 96, 2, expand), DilatedInception(96),
-                                  DilatedInception(96))                                        # 8 px
-        self.lat16 = conv_bn(64, w, 1)
-        self.lat32 = conv_bn(40, w, 1)
-        self.top8 = conv_bn(96, w, 1)
-        self.dec16 = ds_conv(w, w)
-        self.dec32 = ds_conv(w, w)
-        self.primary_out = nn.Conv2d(w, n_landmarks, 1)
-        self.fuse_in = conv_bn(w + n_landmarks, w, 1)
-        self.fusion = nn.Sequential(DilatedInception(w, ((3, 1), (3, 2), (3, 3), (5, 3))),
-                                    DilatedInception(w, ((3, 1), (3, 2), (3, 3), (5, 3))))
-        self.map_size = map_size
-        if map_size == 64:
-            self.lat64 = conv_bn(24, w, 1)
-            self.dec64 = ds_conv(w, w)
-        self.fusion_out = nn.Conv2d(w, n_landmarks, 1)
-        _init_lite(self)
-
-    def forward(self, x):
-        _check_input(x, 8)
-        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-        f64 = self.stem(x)
-        f32 = self.enc32(f64)
-        f16 = self.enc16(f32)
-        f8 = self.enc8(f16)
-        d16 = self.dec16(_up2(self.top8(f8)) + self.lat16(f16))
-        d32 = self.dec32(_up2(d16) + self.lat32(f32))
-        primary = self.primary_out(d32)
-        g = self.fusion(self.fuse_in(torch.cat([d32, primary], 1)))
-        if self.map_size == 64:
-            g = self.dec64(_up2(g) + self.lat64(f64))
-        fusion = self.fusion_out(g)
-        return primary, fusion
-
-
 class LiteUNet(nn.Module):
-    """The CPU-sized ECT estimation network, U-Net form (see the module docstring's table).
+    """The CPU-sized ECT estimation network, ``lite`` (see the module docstring's table).
 
     PrimaryNet: a U-Net encoder of dense 3 x 3 convolutions (128 -> 64 -> 32 -> 16 -> 8 px,
     channels ``c``) with two depthwise-separable dilated inception blocks (dilations 1-4) at
@@ -327,8 +253,8 @@ class LiteUNet(nn.Module):
     paper's FusionNet) -> 68 maps (32 x 32). ``forward(x)`` -> (primary32, fusion32).
 
     Dense 3 x 3 convolutions where the maps are large: on this project's CPU one training step
-    of this 0.64 GFLOP net costs what the 0.22 GFLOP depthwise :class:`LiteNet` costs (the
-    backward pass of depthwise convolutions is slow on CPU), for three times the capacity."""
+    of this 0.64 GFLOP net costs what a 0.22 GFLOP MobileNetV2-style net costs (the backward pass
+    of depthwise convolutions is slow on CPU), for three times the capacity."""
 
     def __init__(self, n_landmarks: int = N_LANDMARKS, c=(32, 64, 96, 128), width: int = 64):
         super().__init__()
@@ -375,8 +301,7 @@ def _init_lite(net: nn.Module) -> None:
 
 
 #: architecture name -> (class, input size, output-layer weight key); "lite" ships
-ARCHS = {"paper": (FCN, 256, "fusion.fuse2.weight"), "lite": (LiteNet, 128, "fusion_out.weight"),
-         "lite-unet": (LiteUNet, 128, "fusion_out.weight")}
+ARCHS = {"paper": (FCN, 256, "fusion.fuse2.weight"), "lite": (LiteUNet, 128, "fusion_out.weight")}
 DEFAULT_ARCH = "lite"
 
 
