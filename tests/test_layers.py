@@ -32,7 +32,7 @@ def layer_of(module: str):
 
 def imports_of(source: str, module: str):
     """Every ectfast module that ``source`` (of ``module``) imports, with its line."""
-    pkg = module.rsplit(".", 1)[0] if not module.endswith("__init__") else module.rsplit(".", 1)[0]
+    pkg = module.rsplit(".", 1)[0]  # the package a relative import starts from (also for __init__)
     out = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):

@@ -274,7 +274,13 @@ class LiteUNet(nn.Module):
         self.fusion = nn.Sequential(DilatedInception(w, ((3, 1), (3, 2), (3, 3), (5, 3))),
                                     DilatedInception(w, ((3, 1), (3, 2), (3, 3), (5, 3))))
         self.fusion_out = nn.Conv2d(w, n_landmarks, 1)
-        _init_lite(self)
+        for m in self.modules():  # He initialisation; the two map outputs start near zero
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for out in (self.primary_out, self.fusion_out):
+            nn.init.normal_(out.weight, std=1e-3)
 
     def forward(self, x):
         _check_input(x, 16)
@@ -288,16 +294,6 @@ class LiteUNet(nn.Module):
         fusion = self.fusion_out(self.fusion(self.fuse_in(torch.cat([d32, primary], 1))))
         return primary, fusion
 
-
-def _init_lite(net: nn.Module) -> None:
-    """He initialisation of every convolution; the two map outputs start near zero."""
-    for m in net.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    for out in (net.primary_out, net.fusion_out):
-        nn.init.normal_(out.weight, std=1e-3)
 
 
 #: architecture name -> (class, input size, output-layer weight key); "lite" ships
