@@ -90,18 +90,24 @@ def bench_cpu_lite(threads: int, arch: str = "lite"):
 
     rows.append({"batch": 32, "variant": "torch fp32 net + ECT fit (cpu)", "faces_per_s": _rate(pipeline, 32),
                  "net_only_faces_per_s": _rate(net_only, 32)})
-    # the shipped ONNX file with ONNX Runtime (the plain-install engine), same crops
-    try:
-        from ectfast.nets.engine import OnnxEstimator
+    # the shipped ONNX files with ONNX Runtime (the plain-install engine), same crops: fp32 and
+    # int8; test-time flip (off by default) runs the net twice
+    from ectfast.nets.engine import make_estimator
 
-        x = crops.numpy()
-        for flip in (False, True):  # test-time flip (the product's default) runs the net twice
-            est = OnnxEstimator(threads=threads, flip=flip)
-            rows.append({"batch": 32, "variant": "onnxruntime net + ECT fit (cpu)" + (", test-time flip" if flip else ""),
-                         "faces_per_s": _rate(lambda: ectfast.fit(est(x), pdm, method="ect", upsample=8, backend="cpu"), 32),
-                         "net_only_faces_per_s": _rate(lambda: est(x), 32)})
-    except Exception as e:  # no onnxruntime / no shipped ONNX file
-        rows.append({"batch": 32, "variant": "onnxruntime", "faces_per_s": float("nan"), "error": str(e)[:200]})
+    x = crops.numpy()
+    for precision, flip in (("fp32", False), ("int8", False), ("fp32", True)):
+        variant = f"onnxruntime {precision} net + ECT fit (cpu)" + (", test-time flip" if flip else "")
+        try:
+            est = make_estimator(None, "cpu", "onnxruntime", threads=threads, flip=flip, precision=precision)
+        except (ImportError, FileNotFoundError, ValueError) as e:  # no onnxruntime / no shipped file
+            rows.append({"batch": 32, "variant": variant, "faces_per_s": float("nan"), "error": str(e)[:200]})
+            continue
+        opts = dict(est.fit_options)  # the network's own fit options, as the detector uses them
+        opts.pop("visibility_threshold", None)
+        rows.append({"batch": 32, "variant": variant,
+                     "faces_per_s": _rate(lambda: ectfast.fit(est(x), pdm, method="ect", upsample=8, backend="cpu",
+                                                              **opts), 32),
+                     "net_only_faces_per_s": _rate(lambda: est(x), 32)})
     return rows
 
 

@@ -30,7 +30,7 @@ from ectfast.nets import data as D
 from ectfast.core import metrics
 from ectfast.io.datasets import TRAIN_SUBSETS
 from ectfast.app.crops import crops_to_input
-from ectfast.nets.engine import TorchEstimator
+from ectfast.nets.engine import PRECISIONS, TorchEstimator, make_estimator
 from ectfast.core.peaks import subpixel_peaks
 from ectfast.io.pts import read_pts
 
@@ -189,12 +189,13 @@ def tune(args) -> int:
 
 
 def report(args) -> int:
-    est = TorchEstimator(args.weights, "cpu", flip=args.flip)
+    est = make_estimator(args.weights, "cpu", flip=args.flip, precision=args.precision)
     opts = dict(est.fit_options)
     pdm = ectfast.default_pdm()
     faces = D.list_faces(args.data, ["lfpw/testset"])
     os.makedirs(args.out, exist_ok=True)
-    print(f"fit options from the weights: {opts or 'none (paper defaults)'}; {len(faces)} faces; test-time flip {est.flip}")
+    print(f"fit options from the weights: {opts or 'none (paper defaults)'}; {len(faces)} faces; test-time flip "
+          f"{est.flip}; {est.engine} {est.precision} ({est.path})")
     out = {}
     for name, kw in (("clean", {}), ("occluded", dict(occlude=True, seed=5)), ("jitter", dict(jitter=0.10, seed=7))):
         crops, gt, occ = load(faces, **kw)
@@ -238,6 +239,8 @@ def report(args) -> int:
     pr = metrics.visibility_pr(conf_o, occ_o, thresholds=(0.3, 0.5, 0.7, 0.9))
     print("precision/recall over tau:", {k: np.round(v, 3).tolist() for k, v in pr.items()})
 
+    if args.no_plots:
+        return 0
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -282,6 +285,9 @@ def main(argv=None) -> int:
     r.add_argument("--flip", action="store_true", help="test-time flip (the product's default is off)")
     r.add_argument("--data", default=ROOT)
     r.add_argument("--out", default="bench/lite_report")
+    r.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="fp32, or int8 (the int8 ONNX file beside the weights / shipped)")
+    r.add_argument("--no-plots", action="store_true", help="tables only")
     a = p.parse_args(argv)
     return tune(a) if a.cmd == "tune" else report(a)
 

@@ -278,6 +278,45 @@ def test_resume_continues_exactly(pdm, tmp_path):
     assert s3["step"] == 4 and s3["stopped"] == "done"
 
 
+def test_weights_moving_average_is_validated_and_exported(pdm, tmp_path):
+    """The EMA of the weights (and BatchNorm statistics) follows the formula step by step, and
+    it is what validation, best.pt, light.pt and --export-weights see."""
+    from ectfast.nets.train import Trainer, ema_avg_fn
+
+    cs, vs = synthetic_crops(pdm), synthetic_crops(pdm, 4, seed=1)
+    t = Trainer(cs, vs, str(tmp_path / "r"), arch="lite", loss=None, epochs=2, batch_size=4, lr=1e-3,
+                weight_decay=1e-4, seed=0, input_size=32, warmup=0.0, clip=5.0, device="cpu", amp="none",
+                channels_last=False, compile_model=False, ckpt_every=0, val_every=2, log_every=1, progress=False,
+                augment=False, data_desc="synthetic", ema=0.9)
+    decay = 0.9
+    avg = {k: v.detach().clone().double() for k, v in t.model.state_dict().items() if v.is_floating_point()}
+    for n in range(4):  # oracle: e <- e + (p - e)(1 - min(decay, (1 + n) / (10 + n))), n = 0 copies
+        t.train_step()
+        d = min(decay, (1.0 + n) / (10.0 + n))
+        for k, v in t.model.state_dict().items():
+            if k in avg:
+                avg[k] = v.double().clone() if n == 0 else avg[k] + (v.double() - avg[k]) * (1 - d)
+    ema = t.eval_model.state_dict()
+    for k in avg:
+        np.testing.assert_allclose(ema[k].double().numpy(), avg[k].numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
+    assert not torch.equal(ema["fusion_out.weight"], t.model.state_dict()["fusion_out.weight"])
+    assert ema["enc64.0.1.num_batches_tracked"] == 4  # BatchNorm counts follow the model
+    # the average is what is validated and kept
+    t._log_validation(t.validate(), torch.tensor(0.0), str(tmp_path / "log.jsonl"), None)
+    best = torch.load(str(tmp_path / "r" / "best.pt"), weights_only=False)["model"]
+    assert torch.equal(best["fusion_out.weight"], ema["fusion_out.weight"])
+    sha = t.export(str(tmp_path / "w.pt"))
+    assert sha == read_weights(str(tmp_path / "w.pt"))["sha256"]
+    shipped = read_weights(str(tmp_path / "w.pt"))["state_dict"]["fusion_out.weight"].float()
+    np.testing.assert_allclose(shipped.numpy(), ema["fusion_out.weight"].numpy(), atol=1e-3)  # fp16
+    # no average with ema = 0; a decay outside [0, 1) is refused by name
+    assert ema_avg_fn(0.5)(torch.tensor(3), torch.tensor(5), torch.tensor(7)) == 5  # integer buffers follow
+    from ectfast.nets.train import train
+
+    with pytest.raises(ValueError, match=r"ema: expected a decay in \[0, 1\)"):
+        train(out=str(tmp_path / "bad"), arch="paper", holdout=0, ema=1.0, train_set=cs, val_set=vs, progress=False)
+
+
 def test_cold_light_resume_tracks_best_of_this_call(pdm, tmp_path):
     """A light checkpoint carried to a folder without best.pt (a fresh machine): the next
     validation writes best.pt and the export carries its NME, even when an earlier call's

@@ -223,12 +223,15 @@ class Detector:
     threads: the engine's CPU threads (None: its default).
     flip: test-time flip of the network (``ectfast.nets.engine.flip_average``; default off): twice the
         network's time. Ignored with ``estimator``.
+    precision: 'fp32' (default) or 'int8' (the int8 ONNX network on ONNX Runtime: faster on CPU,
+        slightly less accurate; ``ectfast.nets.engine``). Ignored with ``estimator``.
     """
 
     def __init__(self, device: str = "auto", backend: str = "auto", weights=None, estimator=None,
                  face_detector="auto", *, engine: str = "auto", align: bool = True, method: str = "ect",
                  pdm=None, batch_size: int = 16, visibility_threshold: Optional[float] = None,
-                 fit_options: Optional[dict] = None, threads: Optional[int] = None, flip: bool = E.DEFAULT_FLIP):
+                 fit_options: Optional[dict] = None, threads: Optional[int] = None, flip: bool = E.DEFAULT_FLIP,
+                 precision: str = E.DEFAULT_PRECISION):
         from ectfast.core import _dispatch
         from ectfast.core.pdm import PDM, default_pdm
 
@@ -240,6 +243,7 @@ class Detector:
         if engine not in E.ENGINES:
             raise ValueError(f"engine: expected one of {E.ENGINES}, got {engine!r}")
         E.check_device(device)
+        E.check_precision(precision)
         if backend != "auto":
             _dispatch.get_ops(backend, on_device=backend == "cuda")  # raises when not built here
         if pdm is not None and not isinstance(pdm, PDM):
@@ -267,7 +271,8 @@ class Detector:
         self.fit_options = dict(fit_options or {})
         if tau is not None:
             self.fit_options["visibility_threshold"] = tau
-        self.estimator = estimator if estimator is not None else E.make_estimator(weights, device, engine, threads, flip)
+        self.estimator = estimator if estimator is not None else E.make_estimator(weights, device, engine, threads, flip,
+                                                                                        precision)
 
     # -- names for reports
     @property

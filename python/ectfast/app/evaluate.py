@@ -119,7 +119,7 @@ def _pick_detection(candidates: np.ndarray, gt: np.ndarray, gt_box: np.ndarray) 
 
 def evaluate(data, *, methods="all", boxes: str = "landmarks", estimator: Optional[Callable] = None,
              weights=None, device: str = "auto", backend: str = "auto", batch_size: int = 8,
-             engine: str = "auto", flip: bool = E.DEFAULT_FLIP,
+             engine: str = "auto", flip: bool = E.DEFAULT_FLIP, precision: str = E.DEFAULT_PRECISION,
              out=None, occlusion_labels: bool = False, norm: str = "inter-ocular", pdm=None,
              visibility_threshold: float = 0.5, progress: bool = True,
              fit_options: Optional[dict] = None) -> EvalResult:
@@ -128,7 +128,8 @@ def evaluate(data, *, methods="all", boxes: str = "landmarks", estimator: Option
     methods: "all" or a list of ectfast.fit methods. boxes: "landmarks" or "detector".
     estimator: a callable crops (B, 3, 256, 256) float32 RGB [0, 1] -> maps (B, 68, h, h); None
     loads the network (``weights``, or the shipped one: FileNotFoundError when there is none) on
-    ``device`` with ``engine`` ('auto', 'onnxruntime', 'torch'; ectfast.nets.engine). backend:
+    ``device`` with ``engine`` ('auto', 'onnxruntime', 'torch'; ectfast.nets.engine) at ``precision``
+    ('fp32' or 'int8'). backend:
     ectfast.fit's backend. out: folder for the tables and the CED plot (None: write nothing). norm: the NME that the failure rate, AUC and CED use.
     """
     from ectfast.app import detector as D
@@ -150,7 +151,7 @@ def evaluate(data, *, methods="all", boxes: str = "landmarks", estimator: Option
 
         face_detector = face_layer.default_detector()
     if estimator is None:
-        estimator = E.make_estimator(weights, device, engine, flip=flip)
+        estimator = E.make_estimator(weights, device, engine, flip=flip, precision=precision)
     elif not callable(estimator):
         raise TypeError(f"estimator: expected a callable, got {type(estimator).__name__}")
     pdm = pdm if pdm is not None else default_pdm()

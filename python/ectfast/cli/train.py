@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate, default {DEFAULTS['lr']}")
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ema", type=float, default=None,
+                   help=f"decay of the weights' moving average that is validated and exported "
+                        f"(0 = none), default {DEFAULTS['ema']}")
     p.add_argument("--input-size", type=int, default=None, help="crop side (256 for the shipped model)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after M minutes")
     p.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) at this global step")
@@ -53,7 +56,7 @@ def run(args) -> int:
     try:
         s = train(args.data, args.out, arch=args.arch, loss=args.loss, holdout=args.holdout,
                   minutes=args.minutes, threads=args.threads, packed=args.packed, epochs=args.epochs, batch_size=args.batch_size,
-                  lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, input_size=args.input_size,
+                  lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, ema=args.ema, input_size=args.input_size,
                   max_minutes=args.max_minutes, max_steps=args.max_steps, resume=args.resume,
                   device=args.device, amp=args.amp, compile_model=args.compile, ckpt_every=args.ckpt_every,
                   val_every=args.val_every, log_every=args.log_every, limit=args.limit,

@@ -22,6 +22,13 @@ package is needed. ``torch`` (:class:`TorchEstimator`) runs a ``.pt`` weights fi
 ``pip install 'ectfast[torch]'``); it is the engine for GPUs and for the ``paper``
 architecture.
 
+Precision (``precision``): ``"fp32"`` (default) or ``"int8"``: ONNX Runtime runs the int8 file
+written by ``ectfast export-onnx --int8`` (static quantisation, ``ectfast.nets.export``), the
+shipped ``assets/lite_300w_int8.onnx`` or ``NAME_int8.onnx`` beside the weights given; faster on
+CPU at a small cost in accuracy (bench/RESULTS.md, "Lite network"). int8 needs the onnxruntime
+engine. A ``.onnx`` file given as weights runs at its own precision (its metadata says which;
+asking for the other one is a ValueError).
+
 ``engine="auto"`` (:func:`choose_engine`): on CPU, ONNX Runtime when it is installed and an ONNX
 file of the same weights exists (the shipped ``assets/lite_300w.onnx``, or ``NAME.onnx`` beside a
 ``NAME.pt`` given as weights): it was measured faster than PyTorch on CPU (bench/pipeline.py,
@@ -45,6 +52,9 @@ CPU_PREFERENCE = ("onnxruntime", "torch")
 CROP_SIZE = 256
 DEFAULT_PT = asset("lite_300w.pt")
 DEFAULT_ONNX = asset("lite_300w.onnx")
+DEFAULT_ONNX_INT8 = asset("lite_300w_int8.onnx")
+PRECISIONS = ("fp32", "int8")
+DEFAULT_PRECISION = "fp32"
 #: metadata_props key of the ONNX file, and the format tag inside its JSON value
 META_KEY = "ectfast"
 ONNX_FORMAT = "ectfast-onnx"
@@ -254,6 +264,8 @@ class OnnxEstimator:
         self.sha256 = self.meta.get("sha256")
         #: fit parameters chosen for this network's maps (stored with its weights)
         self.fit_options = dict((self.meta.get("meta") or {}).get("fit") or {})
+        #: "fp32" or "int8" (ectfast export-onnx --int8)
+        self.precision = self.meta.get("precision", "fp32")
         inputs = self.session.get_inputs()
         self._input = inputs[0].name
         outs = [o.name for o in self.session.get_outputs()]
@@ -301,6 +313,7 @@ class TorchEstimator:
         self.sha256 = model.read_weights(self.path).get("sha256")
         #: fit parameters chosen for this network's maps (stored with its weights)
         self.fit_options = dict(self.meta.get("fit") or {})
+        self.precision = "fp32"
         self.flip = bool(flip)
 
     def _maps(self, x):
@@ -326,20 +339,34 @@ def _is_onnx(path) -> bool:
     return path is not None and os.fspath(path).lower().endswith(".onnx")
 
 
-def _sibling_onnx(path) -> Optional[str]:
-    """NAME.onnx beside NAME.pt, if it exists."""
+def _sibling_onnx(path, precision: str = DEFAULT_PRECISION) -> Optional[str]:
+    """NAME.onnx (int8: NAME_int8.onnx) beside NAME.pt, if it exists; for path None the shipped one."""
     if path is None:
-        return DEFAULT_ONNX if os.path.isfile(DEFAULT_ONNX) else None
-    cand = os.path.splitext(os.fspath(path))[0] + ".onnx"
+        cand = DEFAULT_ONNX_INT8 if precision == "int8" else DEFAULT_ONNX
+    else:
+        cand = os.path.splitext(os.fspath(path))[0] + ("_int8.onnx" if precision == "int8" else ".onnx")
     return cand if os.path.isfile(cand) else None
 
 
-def choose_engine(weights=None, device: str = "auto", engine: str = "auto") -> str:
+def check_precision(precision) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
+def choose_engine(weights=None, device: str = "auto", engine: str = "auto",
+                  precision: str = DEFAULT_PRECISION) -> str:
     """The engine ``make_estimator`` uses (see the module docstring). ValueError for an unknown
     engine or one that cannot run these weights; ImportError when the engine is not installed."""
     if engine not in ENGINES:
         raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
     device = check_device(device)
+    if check_precision(precision) == "int8":
+        if engine == "torch":
+            raise ValueError("precision: 'int8' runs on the onnxruntime engine (the int8 file of "
+                             "`ectfast export-onnx --int8`), not on 'torch'")
+        _ort()
+        return "onnxruntime"
     if engine == "torch":
         if _is_onnx(weights):
             raise ValueError(f"engine: 'torch' cannot run the ONNX file {os.fspath(weights)!r}; use "
@@ -382,23 +409,36 @@ def _torch_cuda_available() -> bool:
 
 
 def make_estimator(weights=None, device: str = "auto", engine: str = "auto", threads: Optional[int] = None,
-                   flip: bool = DEFAULT_FLIP):
+                   flip: bool = DEFAULT_FLIP, precision: str = DEFAULT_PRECISION):
     """The network as an estimator (crops -> maps) on ``engine`` ('auto', 'onnxruntime', 'torch').
 
     weights: None (the shipped network), a ``.onnx`` file (ONNX Runtime) or a ``.pt`` weights
     file (PyTorch; with engine 'onnxruntime' it is converted in memory, which needs torch and
-    onnx, unless NAME.onnx lies beside it). FileNotFoundError when nothing is shipped or the
-    file is missing, ValueError for a bad file/device/engine, ImportError for a missing engine."""
-    chosen = choose_engine(weights, device, engine)
+    onnx, unless NAME.onnx lies beside it). precision: 'fp32' or 'int8' (the int8 ONNX file:
+    the shipped one, or NAME_int8.onnx beside NAME.pt). FileNotFoundError when nothing is shipped
+    or the file is missing, ValueError for a bad file/device/engine/precision, ImportError for a
+    missing engine."""
+    chosen = choose_engine(weights, device, engine, precision)
     check_device_available(device, chosen)
     if weights is not None and not os.path.exists(os.fspath(weights)):
         raise FileNotFoundError(f"weights: no such file {os.fspath(weights)!r}")
+    if precision == "int8":
+        path = os.fspath(weights) if _is_onnx(weights) else _sibling_onnx(weights, "int8")
+        if path is None:
+            where = (f"{os.path.basename(DEFAULT_ONNX_INT8)} is not shipped with this installation" if weights is None
+                     else f"no {os.path.basename(os.path.splitext(os.fspath(weights))[0])}_int8.onnx beside it")
+            raise FileNotFoundError(f"weights: precision 'int8' needs an int8 ONNX file ({where}); write one with "
+                                    "`ectfast export-onnx --int8 --calibration-data DIR`")
+        est = _at_precision(OnnxEstimator(path, device, threads, flip), precision)
+        if weights is not None and not _is_onnx(weights):
+            _check_same_weights(weights, est)
+        return est
     if chosen == "torch":
         if weights is None and not os.path.isfile(DEFAULT_PT):
             raise FileNotFoundError(NO_WEIGHTS_MESSAGE)
         return TorchEstimator(weights, device, threads, flip)
     if _is_onnx(weights):
-        return OnnxEstimator(weights, device, threads, flip)
+        return _at_precision(OnnxEstimator(weights, device, threads, flip), precision)
     onnx_path = _sibling_onnx(weights)
     if onnx_path is not None:
         est = OnnxEstimator(onnx_path, device, threads, flip)
@@ -408,6 +448,14 @@ def make_estimator(weights=None, device: str = "auto", engine: str = "auto", thr
     if weights is None:
         raise FileNotFoundError(NO_WEIGHTS_MESSAGE)
     return _converted(weights, device, threads, flip)
+
+
+def _at_precision(est: "OnnxEstimator", precision: str) -> "OnnxEstimator":
+    if est.precision != precision:
+        raise ValueError(f"precision: {precision!r} was requested but {est.path} is a {est.precision} model")
+    if precision == "int8" and est.device != "cpu":
+        raise ValueError(f"device: the int8 model runs on the CPU, got {est.device!r}")
+    return est
 
 
 def _pt_sha256(path) -> Optional[str]:

@@ -18,6 +18,14 @@ that fails the check is removed (exit 1). The regeneration of the shipped file i
     ectfast export-onnx --weights python/ectfast/assets/lite_300w.pt --out python/ectfast/assets/lite_300w.onnx
 
 (both paths are the defaults, so ``ectfast export-onnx`` alone does the same.)
+
+int8 (``--int8``, :func:`quantize_int8`): ONNX Runtime's static quantisation of the float file
+(QDQ format, weights int8 per output channel, activations uint8 with ranges calibrated on
+canonical crops of training faces that training held out, never test faces), written beside it
+as ``NAME_int8.onnx`` with the same metadata plus ``precision: "int8"`` and the calibration;
+the engine runs it with ``precision="int8"`` (``ectfast.nets.engine``). Shipped file:
+
+    ectfast export-onnx --int8 --calibration-data ../shared/data/300w
 """
 from __future__ import annotations
 
@@ -149,6 +157,89 @@ def compare_onnx(model, path, size=None, batch: int = 3, seed: int = 0) -> dict:
 def check_onnx(model, path, size=None, batch: int = 3, seed: int = 0) -> float:
     """Max abs difference between onnxruntime and PyTorch (see :func:`compare_onnx`)."""
     return compare_onnx(model, path, size, batch, seed)["max_abs"]
+
+
+def calibration_crops(root, n: int = 64, input_size: int = 128, holdout: int = 150, seed: int = 0) -> np.ndarray:
+    """(n, 3, input_size, input_size) float32 RGB in [0, 1]: canonical crops (no augmentation;
+    256 crops averaged to the input, as the detector feeds the network) of the first ``n`` of the
+    training faces ``ectfast train`` holds out (``split_holdout``, same seed) under a 300-W root."""
+    from ectfast.io.datasets import TRAIN_SUBSETS
+    from ectfast.nets import data as D
+    from ectfast.nets.train import split_holdout
+
+    faces = D.load_crops(root, TRAIN_SUBSETS)
+    _, held = split_holdout(faces, holdout, seed)
+    if not 1 <= n <= len(held):
+        raise ValueError(f"n: expected 1..{len(held)} calibration faces, got {n}")
+    imgs = torch.from_numpy(held.images[:n]).permute(0, 3, 1, 2)
+    A = np.repeat(D.canonical_matrix(held.stored_size, held.context, E.CROP_SIZE)[None], n, 0)
+    x = D.warp_torch(imgs, A, E.CROP_SIZE).numpy()
+    return E.pool_to(np.ascontiguousarray(x, np.float32), input_size)
+
+
+def quantize_int8(src, out, crops: np.ndarray, batch: int = 16, calibration: str = "") -> dict:
+    """Static int8 quantisation of the float ONNX file ``src`` to ``out`` (see the module
+    docstring), calibrated on ``crops`` (N, 3, S, S) float32 at the network's input size.
+    Returns {"path", "bytes"}; the file carries ``src``'s metadata with ``precision`` 'int8'."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    meta = E.read_onnx_metadata(src)
+    size = int(meta["input_size"])
+    crops = np.asarray(crops)
+    if crops.dtype != np.float32 or crops.ndim != 4 or crops.shape[1:] != (3, size, size) or not len(crops):
+        raise ValueError(f"crops: expected (N >= 1, 3, {size}, {size}) float32 calibration crops, "
+                         f"got {crops.dtype} {crops.shape}")
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(range(0, len(crops), batch))
+
+        def get_next(self):
+            i = next(self.it, None)
+            return None if i is None else {E.INPUT_NAME: crops[i:i + batch]}
+
+    out = os.fspath(out)
+    with tempfile.TemporaryDirectory(prefix="ectfast-int8-") as tmp:
+        pre = os.path.join(tmp, "pre.onnx")
+        quant_pre_process(os.fspath(src), pre, skip_symbolic_shape=True)
+        q = os.path.join(tmp, "int8.onnx")
+        quantize_static(pre, q, Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+        proto = onnx.load(q)
+    meta.update(precision="int8", calibration=calibration or f"{len(crops)} crops",
+                float_file=os.path.basename(os.fspath(src)))
+    onnx.helper.set_model_props(proto, {E.META_KEY: json.dumps(meta, sort_keys=True)})
+    onnx.checker.check_model(proto)
+    tmp_out = out + ".tmp"
+    onnx.save(proto, tmp_out)
+    os.replace(tmp_out, out)
+    return {"path": out, "bytes": os.path.getsize(out), "check": compare_int8(src, out, crops)}
+
+
+def compare_int8(float_path, int8_path, crops: np.ndarray) -> dict:
+    """The int8 file against the float one on ``crops``: {"peak_shift_mean", "peak_shift_max"}
+    (sub-pixel peak displacement, in map pixels, over every map) and "within_half_px" (the
+    fraction of maps whose peaks are within half a map pixel)."""
+    from ectfast.core.peaks import subpixel_peaks
+
+    maps = []
+    for path in (float_path, int8_path):
+        est = E.OnnxEstimator(path, "cpu")
+        maps.append(np.concatenate([est(crops[i:i + 16]) for i in range(0, len(crops), 16)]))
+    d = np.linalg.norm(subpixel_peaks(maps[0], 1.0) - subpixel_peaks(maps[1], 1.0), axis=-1)
+    return {"peak_shift_mean": float(d.mean()), "peak_shift_max": float(d.max()),
+            "within_half_px": float((d <= 0.5).mean())}
+
+
+def int8_path(path) -> str:
+    """NAME_int8.onnx beside NAME.onnx."""
+    return os.path.splitext(os.fspath(path))[0] + "_int8.onnx"
 
 
 def export_weights(weights=None, out=None, *, arch: str = DEFAULT_ARCH, opset: int = 17, check: bool = True) -> dict:

@@ -68,9 +68,9 @@ from ectfast.core.peaks import subpixel_peaks
 
 #: settings that fix the run's data order and schedule: a resume must keep them
 RUN_KEYS = ("arch", "loss", "epochs", "batch_size", "lr", "weight_decay", "seed", "input_size", "warmup",
-            "n_train", "holdout")
+            "n_train", "holdout", "ema")
 DEFAULTS = dict(arch="lite", loss=None, epochs=60, batch_size=32, lr=2e-3, weight_decay=1e-4, seed=0,
-                input_size=None, warmup=0.03, clip=5.0, holdout=150)
+                input_size=None, warmup=0.03, clip=5.0, holdout=150, ema=0.998)
 FRAME = D.INPUT_SIZE  # the fit's frame: landmarks and targets are placed in the 256 crop
 
 
@@ -86,13 +86,27 @@ def _lr_lambda(total: int, warmup: float):
     return f
 
 
+def ema_avg_fn(decay: float):
+    """The weight average of ``AveragedModel``: an exponential moving average whose decay ramps
+    up as min(decay, (1 + n) / (10 + n)) after n updates, so that the early, poor weights fade
+    quickly; integer buffers (BatchNorm's batch count) follow the model."""
+
+    def avg(averaged, current, n):
+        if not averaged.is_floating_point():
+            return current
+        d = min(decay, (1.0 + float(n)) / (10.0 + float(n)))
+        return averaged + (current - averaged) * (1.0 - d)
+
+    return avg
+
+
 class Trainer:
     """One training run (see the module docstring). ``train()`` is the function to call."""
 
     def __init__(self, train_set: D.CropSet, val_set: Optional[D.CropSet], out: str, *, arch, loss, epochs,
                  batch_size, lr, weight_decay, seed, input_size, warmup, clip, device, amp, channels_last,
                  compile_model, ckpt_every, val_every, log_every, progress, augment, data_desc, holdout=0,
-                 total_steps=None):
+                 ema=0.0, total_steps=None):
         native = netmod.input_size(arch)
         input_size = native if input_size is None else int(input_size)
         if len(train_set) < batch_size:
@@ -107,7 +121,8 @@ class Trainer:
         self.cfg = dict(arch=arch, loss=loss, epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
                         weight_decay=float(weight_decay), seed=int(seed), input_size=input_size,
                         warmup=float(warmup), clip=float(clip) if clip else 0.0, n_train=len(train_set),
-                        holdout=int(holdout), stored_size=train_set.stored_size, context=train_set.context,
+                        holdout=int(holdout), ema=float(ema), stored_size=train_set.stored_size,
+                        context=train_set.context,
                         augment=bool(augment), data=data_desc)
         #: the crop the landmarks and targets live in: 256 at the native input size (the fit's frame)
         self.frame = input_size * FRAME // native
@@ -129,6 +144,12 @@ class Trainer:
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.fwd = torch.compile(self.model) if compile_model else self.model
+        #: the exponential moving average of the weights (and BatchNorm statistics): what is
+        #: validated, kept as best.pt and exported; None with ema = 0
+        self.ema = None
+        if self.cfg["ema"]:
+            self.ema = torch.optim.swa_utils.AveragedModel(self.model, avg_fn=ema_avg_fn(self.cfg["ema"]),
+                                                           use_buffers=True)
         decay = [p for n, p in self.model.named_parameters() if p.ndim > 1]
         no_decay = [p for n, p in self.model.named_parameters() if p.ndim <= 1]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg["weight_decay"]},
@@ -141,6 +162,11 @@ class Trainer:
         self.train_set, self.val_set = train_set, val_set
         self.images = torch.from_numpy(train_set.images).permute(0, 3, 1, 2).contiguous().to(self.device)
         self._perm_epoch, self._perm = -1, None
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The weights that are validated and shipped: the moving average when there is one."""
+        return self.model if self.ema is None else self.ema.module
 
     @property
     def total_steps(self) -> int:
@@ -157,11 +183,12 @@ class Trainer:
                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                 "scaler": self.scaler.state_dict(), "rng": rng_states(), "step": self.step,
                 "epoch": self.step // self.steps_per_epoch, "best_nme": self.best_nme,
-                "history": self.history, "config": self.cfg}
+                "history": self.history, "config": self.cfg,
+                "ema": None if self.ema is None else self.ema.state_dict()}
 
     def save(self) -> None:
         atomic_save(self.state(), os.path.join(self.out, "last.pt"))
-        save_weights(self.model, os.path.join(self.out, "light.pt"), meta=self._position())
+        save_weights(self.eval_model, os.path.join(self.out, "light.pt"), meta=self._position())
 
     def _position(self) -> dict:
         return {"train_state": {"step": self.step, "best_nme": self.best_nme, "config": self.cfg,
@@ -191,6 +218,10 @@ class Trainer:
         self.sched.load_state_dict(ck["scheduler"])
         self.scaler.load_state_dict(ck["scaler"])
         set_rng_states(ck["rng"])
+        if self.ema is not None and ck.get("ema") is not None:
+            self.ema.load_state_dict(ck["ema"])
+        elif self.ema is not None:
+            self.ema.update_parameters(self.model)
         self.step, self.best_nme, self.history = ck["step"], ck["best_nme"], ck["history"]
 
     def load_light(self, path) -> None:
@@ -203,6 +234,8 @@ class Trainer:
         self._restore_length(ts["config"])
         sd = {k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
         self.model.load_state_dict(sd, strict=False)
+        if self.ema is not None:  # the light weights are the average: restart it from them
+            self.ema.update_parameters(self.model)
         self.step, self.best_nme, self.history = ts["step"], ts["best_nme"], list(ts["history"])
         if not os.path.isfile(os.path.join(self.out, "best.pt")):
             # a cold machine: the best model of earlier calls is not here, so track the best of
@@ -279,6 +312,8 @@ class Trainer:
         self.scaler.step(self.opt)
         self.scaler.update()
         self.sched.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         self.step += 1
         return loss.detach(), [p.detach() for p in parts]
 
@@ -286,7 +321,7 @@ class Trainer:
     def predict(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """Sub-pixel peaks (B, n, 2) in the frame of the final maps of stored crops (N, S, S, 3)
         cut canonically (no augmentation)."""
-        self.model.eval()
+        model = self.eval_model.eval()
         vs = self.val_set
         A1 = D.canonical_matrix(vs.stored_size, vs.context, self.frame)
         preds = []
@@ -294,7 +329,7 @@ class Trainer:
             imgs = torch.from_numpy(images[i:i + batch_size]).permute(0, 3, 1, 2).to(self.device)
             x = self._input(D.warp_torch(imgs, np.repeat(A1[None], len(imgs), 0), self.frame))
             with self._autocast():
-                maps = self.fwd(self._prep(x))[1].float().cpu().numpy()
+                maps = model(self._prep(x))[1].float().cpu().numpy()
             preds.append(subpixel_peaks(maps, self.frame / maps.shape[-1]))
         return np.concatenate(preds)
 
@@ -419,7 +454,7 @@ class Trainer:
             print(msg, file=sys.stderr, flush=True)
         if nme < self.best_nme:
             self.best_nme = nme
-            atomic_save({"model": self.model.state_dict(), "step": self.step, "val_nme": nme,
+            atomic_save({"model": self.eval_model.state_dict(), "step": self.step, "val_nme": nme,
                          "config": self.cfg}, os.path.join(self.out, "best.pt"))
 
     def export(self, path) -> str:
@@ -432,7 +467,7 @@ class Trainer:
             ck = torch.load(best, map_location="cpu", weights_only=False)
             meta.update(val_nme_interocular_subpixel=ck["val_nme"], best_step=ck["step"])
             return save_weights(ck["model"], path, meta=meta)
-        return save_weights(self.model, path, meta=meta)
+        return save_weights(self.eval_model, path, meta=meta)
 
 
 def _resolve(value, key, saved_cfg):
@@ -462,7 +497,7 @@ def split_holdout(cs: D.CropSet, n: int, seed: int):
 
 def train(data=None, out="runs/fcn", *, arch=None, loss=None, holdout=None, minutes=None, threads=None,
           packed=None, epochs=None, batch_size=None, lr=None,
-          weight_decay=None, seed=None, input_size=None, warmup=None, clip=None, max_minutes=None,
+          weight_decay=None, seed=None, input_size=None, warmup=None, clip=None, ema=None, max_minutes=None,
           max_steps=None, resume=False, device=None, amp="auto", channels_last="auto",
           compile_model=False, ckpt_every=500, val_every=None, log_every=10, limit=None,
           augment=True, progress=True, export_weights=None, workers=4,
@@ -478,7 +513,9 @@ def train(data=None, out="runs/fcn", *, arch=None, loss=None, holdout=None, minu
         raise ValueError(f"out: {out!r} already holds a checkpoint; pass resume=True (--resume) or another --out")
     cfg = {k: _resolve(v, k, saved_cfg) for k, v in dict(
         arch=arch, loss=loss, holdout=holdout, epochs=epochs, batch_size=batch_size, lr=lr,
-        weight_decay=weight_decay, seed=seed, input_size=input_size, warmup=warmup, clip=clip).items()}
+        weight_decay=weight_decay, seed=seed, input_size=input_size, warmup=warmup, clip=clip, ema=ema).items()}
+    if not 0.0 <= float(cfg["ema"]) < 1.0:
+        raise ValueError(f"ema: expected a decay in [0, 1) (0 = no moving average), got {cfg['ema']!r}")
     if saved_cfg and saved_cfg.get("total_steps"):
         cfg["total_steps"] = saved_cfg["total_steps"]
     if threads is not None:
