@@ -15,7 +15,8 @@ to the annotation is reported too, and the images whose annotated face was not f
     OMP_NUM_THREADS=2 python bench/pipeline.py --weights runs/lite/light.pt --dlib-model shape_predictor_68_face_landmarks.dat
 
 ``--weights`` is the .pt file (torch engine); the ONNX file is NAME.onnx beside it, or exported
-to a temporary file when absent. The engine that ``engine="auto"`` picks on CPU
+to a temporary file when absent; ``--engines ... onnxruntime-int8`` adds the int8 file
+NAME_int8.onnx (``ectfast export-onnx --int8``). The engine that ``engine="auto"`` picks on CPU
 (``ectfast.nets.engine.CPU_PREFERENCE``) should be the faster one here: the script says whether it is.
 """
 from __future__ import annotations
@@ -169,7 +170,9 @@ def main(argv=None) -> int:
     ap.add_argument("--images", nargs="+", default=DEFAULT_IMAGES, help="image files or folders (recursive)")
     ap.add_argument("--limit", type=int, default=300, help="at most this many images (default 300; 0: all)")
     ap.add_argument("--weights", default=None, help="the network's .pt (default: the shipped one)")
-    ap.add_argument("--engines", nargs="+", default=["torch", "onnxruntime"], choices=["torch", "onnxruntime"])
+    ap.add_argument("--engines", nargs="+", default=["torch", "onnxruntime"],
+                    choices=["torch", "onnxruntime", "onnxruntime-int8"],
+                    help="onnxruntime-int8: the int8 file NAME_int8.onnx beside the weights (precision='int8')")
     ap.add_argument("--threads", type=int, default=2, help="the engines' CPU threads (default 2)")
     ap.add_argument("--workers", type=int, default=2, help="reading/face-search threads (default 2)")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -216,7 +219,9 @@ def main(argv=None) -> int:
           f"crops {'not ' if args.no_align else ''}levelled by the eye line; test-time flip {args.flip}")
     rows, results = [], {}
     for eng in args.engines:
-        det = Detector(device="cpu", engine=eng, weights=pt if eng == "torch" else onnx_path,
+        int8 = eng == "onnxruntime-int8"
+        det = Detector(device="cpu", engine="onnxruntime" if int8 else eng,
+                       weights=pt if eng != "onnxruntime" else onnx_path, precision="int8" if int8 else "fp32",
                        face_detector=args.face_detector, batch_size=args.batch_size, threads=args.threads,
                        align=not args.no_align, flip=args.flip)
         dt, faces, lms, failed = run_ectfast(det, paths, args.repeat, args.workers)
@@ -252,11 +257,12 @@ def main(argv=None) -> int:
         print(f"{eng} stages (sequential): read {pi['read']:.1f} ms/image, face search ({r['face_detector']}) "
               f"{pi['faces']:.1f} ms/image, crop {pf['crop']:.2f} ms/face, network {pf['network']:.2f} ms/face, "
               f"fit {pf['fit']:.2f} ms/face")
-    if len(args.engines) == 2:
-        fast = max(args.engines, key=lambda e: results[e]["faces_per_s"])
+    pair = [e for e in args.engines if e in ("torch", "onnxruntime")]
+    if len(pair) == 2:
+        fast = max(pair, key=lambda e: results[e]["faces_per_s"])
         agree = fast == E.CPU_PREFERENCE[0]
         print(f"\nfaster here: {fast} ({results[fast]['faces_per_s']:.1f} vs "
-              f"{min(results[e]['faces_per_s'] for e in args.engines):.1f} faces/s); engine='auto' prefers "
+              f"{min(results[e]['faces_per_s'] for e in pair):.1f} faces/s); engine='auto' prefers "
               f"{E.CPU_PREFERENCE[0]} on CPU: {'consistent' if agree else 'NOT consistent -- update CPU_PREFERENCE'}")
     if args.json:
         with open(args.json, "w") as fh:
