@@ -283,6 +283,8 @@ def int8_files(net_files, tmp_path_factory):
 def test_int8_file_holds_int8_weights_and_the_metadata(int8_files):
     import onnx
 
+    from ectfast.nets import export as X
+
     pt, f32, i8, sha, q = int8_files
     assert q["path"] == str(i8) and q["bytes"] == os.path.getsize(i8)
     meta = E.read_onnx_metadata(i8)
@@ -293,7 +295,10 @@ def test_int8_file_holds_int8_weights_and_the_metadata(int8_files):
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
     int8_weights = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4]
     n_conv = sum(n.op_type == "Conv" for n in proto.graph.node)
-    assert len(int8_weights) >= n_conv - 2  # every convolution's weights stored as int8
+    # every convolution's weights stored as int8, except the first one and the two map outputs
+    kept = X.float_convolutions(onnx.load(str(f32)))
+    assert kept[0].endswith("enc64.0.0/Conv") and {k.split("/")[2] for k in kept[1:]} == {"primary_out", "fusion_out"}
+    assert len(int8_weights) == n_conv - len(kept) == n_conv - 3
     assert os.path.getsize(i8) < 0.4 * os.path.getsize(f32)  # 1 byte per weight instead of 4
 
 
