@@ -223,8 +223,8 @@ class Detector:
     threads: the engine's CPU threads (None: its default).
     flip: test-time flip of the network (``ectfast.nets.engine.flip_average``; default off): twice the
         network's time. Ignored with ``estimator``.
-    precision: 'fp32' (default) or 'int8' (the int8 ONNX network on ONNX Runtime: faster on CPU,
-        slightly less accurate; ``ectfast.nets.engine``). Ignored with ``estimator``.
+    precision: 'fp32' (default) or 'int8' (the int8 ONNX network on ONNX Runtime:
+        as accurate, meant for CPUs with VNNI; ``ectfast.nets.engine``). Ignored with ``estimator``.
     """
 
     def __init__(self, device: str = "auto", backend: str = "auto", weights=None, estimator=None,

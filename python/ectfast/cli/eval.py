@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="test-time flip: the network also runs on the mirrored crops (twice its time; no lower error measured with the shipped network)")
     p.add_argument("--precision", default=E.DEFAULT_PRECISION, choices=E.PRECISIONS,
                    help="the network's precision: fp32, or int8 (the shipped int8 ONNX file on ONNX Runtime: "
-                        "faster on CPU, slightly less accurate; default: %(default)s)")
+                        "as accurate as fp32, faster only on CPUs with VNNI; default: %(default)s)")
     p.add_argument("--engine", default="auto", choices=E.ENGINES,
                    help="inference engine: auto, onnxruntime, torch (default: auto)")
     p.add_argument("--device", default="auto", type=device_arg,
