@@ -54,8 +54,6 @@ def _rate(fn, batch: int, min_seconds: float = 2.0) -> float:
 
 def bench_cpu_lite(threads: int, arch: str = "lite"):
     """Rows {batch, variant, faces_per_s} of the CPU forward, and the net + fit rate."""
-    import numpy as np
-
     import ectfast
 
     torch.set_num_threads(threads)
@@ -102,11 +100,10 @@ def bench_cpu_lite(threads: int, arch: str = "lite"):
         except (ImportError, FileNotFoundError, ValueError) as e:  # no onnxruntime / no shipped file
             rows.append({"batch": 32, "variant": variant, "faces_per_s": float("nan"), "error": str(e)[:200]})
             continue
-        opts = dict(est.fit_options)  # the network's own fit options, as the detector uses them
-        opts.pop("visibility_threshold", None)
+        # the network's own fit options, as the detector uses them
         rows.append({"batch": 32, "variant": variant,
                      "faces_per_s": _rate(lambda: ectfast.fit(est(x), pdm, method="ect", upsample=8, backend="cpu",
-                                                              **opts), 32),
+                                                              **est.fit_options), 32),
                      "net_only_faces_per_s": _rate(lambda: est(x), 32)})
     return rows
 

@@ -276,7 +276,7 @@ def int8_files(net_files, tmp_path_factory):
     (d / "lite.pt").write_bytes(pt.read_bytes())
     (d / "lite.onnx").write_bytes(onnx_path.read_bytes())
     calib = E.pool_to(_crops(8, seed=4), 128)
-    q = X.quantize_int8(d / "lite.onnx", X.int8_path(d / "lite.onnx"), calib, calibration="8 random crops")
+    q = X.quantize_int8(d / "lite.onnx", E.int8_sibling(d / "lite.onnx"), calib, calibration="8 random crops")
     return d / "lite.pt", d / "lite.onnx", d / "lite_int8.onnx", sha, q
 
 

@@ -7,7 +7,7 @@ import os
 import sys
 
 from ectfast.nets import engine as E
-from ectfast.nets.export import calibration_crops, export_weights, int8_path, quantize_int8
+from ectfast.nets.export import calibration_crops, export_weights, quantize_int8
 from ectfast.nets.model import ARCHS, DEFAULT_ARCH
 
 
@@ -55,7 +55,7 @@ def run(args) -> int:
         try:
             crops = calibration_crops(args.calibration_data, args.calibration_faces,
                                       E.read_onnx_metadata(res["path"])["input_size"])
-            q = quantize_int8(res["path"], int8_path(res["path"]), crops,
+            q = quantize_int8(res["path"], E.int8_sibling(res["path"]), crops,
                               calibration=f"{len(crops)} held-out training faces (calibration_crops), MinMax")
         except (ValueError, FileNotFoundError, ImportError, OSError) as e:
             print(f"ectfast export-onnx: --int8: {e}", file=sys.stderr)

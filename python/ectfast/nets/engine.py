@@ -340,12 +340,17 @@ def _is_onnx(path) -> bool:
     return path is not None and os.fspath(path).lower().endswith(".onnx")
 
 
+def int8_sibling(path) -> str:
+    """NAME_int8.onnx for NAME.pt or NAME.onnx: where the int8 file of those weights lies."""
+    return os.path.splitext(os.fspath(path))[0] + "_int8.onnx"
+
+
 def _sibling_onnx(path, precision: str = DEFAULT_PRECISION) -> Optional[str]:
     """NAME.onnx (int8: NAME_int8.onnx) beside NAME.pt, if it exists; for path None the shipped one."""
     if path is None:
         cand = DEFAULT_ONNX_INT8 if precision == "int8" else DEFAULT_ONNX
     else:
-        cand = os.path.splitext(os.fspath(path))[0] + ("_int8.onnx" if precision == "int8" else ".onnx")
+        cand = int8_sibling(path) if precision == "int8" else os.path.splitext(os.fspath(path))[0] + ".onnx"
     return cand if os.path.isfile(cand) else None
 
 
@@ -427,7 +432,7 @@ def make_estimator(weights=None, device: str = "auto", engine: str = "auto", thr
         path = os.fspath(weights) if _is_onnx(weights) else _sibling_onnx(weights, "int8")
         if path is None:
             where = (f"{os.path.basename(DEFAULT_ONNX_INT8)} is not shipped with this installation" if weights is None
-                     else f"no {os.path.basename(os.path.splitext(os.fspath(weights))[0])}_int8.onnx beside it")
+                     else f"no {os.path.basename(int8_sibling(weights))} beside it")
             raise FileNotFoundError(f"weights: precision 'int8' needs an int8 ONNX file ({where}); write one with "
                                     "`ectfast export-onnx --int8 --calibration-data DIR`")
         est = _at_precision(OnnxEstimator(path, device, threads, flip), precision)

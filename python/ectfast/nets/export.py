@@ -249,11 +249,6 @@ def compare_int8(float_path, int8_path, crops: np.ndarray) -> dict:
             "within_half_px": float((d <= 0.5).mean())}
 
 
-def int8_path(path) -> str:
-    """NAME_int8.onnx beside NAME.onnx."""
-    return os.path.splitext(os.fspath(path))[0] + "_int8.onnx"
-
-
 def export_weights(weights=None, out=None, *, arch: str = DEFAULT_ARCH, opset: int = 17, check: bool = True) -> dict:
     """Export a weights file (default: the shipped .pt) to ``out`` (default: the same name with
     .onnx) with its metadata; with ``check``, compare with PyTorch and remove the file when

@@ -329,7 +329,11 @@ def forward_flops(size: Optional[int] = None, n_landmarks: int = N_LANDMARKS, ar
     """Multiply-adds x 2 of one forward pass at ``size`` x ``size`` (convolutions only;
     default: the architecture's input size)."""
     model = build(arch, n_landmarks)
-    size = model.input_size if size is None else size
+    return conv_flops(model, model.input_size if size is None else size)
+
+
+def conv_flops(model: nn.Module, size: int) -> int:
+    """Multiply-adds x 2 of the convolutions of ``model`` on one ``size`` x ``size`` input."""
     total = 0
 
     def hook(mod, inp, out):
