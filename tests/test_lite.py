@@ -46,6 +46,52 @@ def test_lite_shapes_size_and_flops():
         M.build("resnet")
 
 
+def test_lite64_starts_as_the_lite_network_it_is_initialised_from(tmp_path):
+    """lite64's final 64 x 64 maps are the lite network's 32 x 32 maps upsampled x2 plus a
+    residual that starts at zero: initialised from lite weights it gives exactly their maps."""
+    from ectfast.nets import train as T
+
+    torch.manual_seed(2)
+    lite = M.build("lite").eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics and output layer
+        for mod in lite.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.1, 0.1)
+                mod.running_var.uniform_(0.5, 1.5)
+        lite.fusion_out.weight.normal_(0, 0.1)
+    m = M.build("lite64").eval()
+    assert m.input_size == 128
+    assert 0.6e9 < M.forward_flops(arch="lite64") < 0.9e9
+    missing = m.load_state_dict(lite.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("head") for k in missing)
+    x = torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        p0, f0 = lite(x)
+        p1, f1 = m(x)
+    assert p1.shape == (2, 68, 32, 32) and f1.shape == (2, 68, 64, 64)
+    torch.testing.assert_close(p1, p0)
+    up = torch.nn.functional.interpolate(f0, scale_factor=2.0, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(f1, up)
+    assert f0.abs().max() > 0.05  # the comparison is not between zeros
+
+    # `ectfast train --init FILE`: the matching tensors of a weights file start the run
+    path = tmp_path / "lite.pt"
+    M.save_weights(lite, str(path))
+    cs = D.CropSet(np.zeros((4, 32, 32, 3), np.uint8), np.full((4, 68, 2), 16, np.float32),
+                   np.ones((4, 68), bool), np.array(["a", "b", "c", "d"]), 32, 1.5)
+    kw = dict(loss=None, epochs=1, batch_size=2, lr=1e-3, weight_decay=0.0, seed=0, input_size=None,
+              warmup=0.0, clip=0.0, device="cpu", amp="none", channels_last=False, compile_model=False,
+              ckpt_every=100, val_every=None, log_every=100, progress=False, augment=False, data_desc="t")
+    tr = T.Trainer(cs, None, str(tmp_path / "run"), arch="lite64", **kw)
+    assert tr.init_from(str(path)) == len(lite.state_dict())
+    assert tr.cfg["init"]["arch"] == "lite" and tr.cfg["init"]["tensors"] == len(lite.state_dict())
+    torch.testing.assert_close(tr.model.enc8[1].branches[0][0].weight, lite.enc8[1].branches[0][0].weight.half().float())
+    paper = tmp_path / "paper.pt"
+    M.save_weights(M.build("paper"), str(paper))
+    with pytest.raises(ValueError, match="init: .*shares no tensor"):
+        T.Trainer(cs, None, str(tmp_path / "run2"), arch="lite", **kw).init_from(str(paper))
+
+
 def test_lite_weights_round_trip_checksum_and_clear_errors(tmp_path):
     torch.manual_seed(1)
     m = M.build("lite").eval()
@@ -123,6 +169,28 @@ def test_adaptive_wing_matches_the_formula_and_weights_the_foreground():
     want = 11 * _awing_pixel(0.5, 0.9) / 25
     assert float(adaptive_wing(pred, tgt, peak)) == pytest.approx(want, rel=1e-5)
     assert float(adaptive_wing(tgt, tgt, peak)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_adaptive_wing_gradient_is_the_formulas_derivative():
+    """The closed-form gradient against central differences of the scalar formula, on both
+    sides of theta, on foreground and background pixels (weights 11 and 1)."""
+    from ectfast.nets.losses import adaptive_wing
+
+    peak = 1.5
+    rng = np.random.default_rng(4)
+    y = np.zeros((1, 2, 6, 6))
+    y[0, 0, 2, 3], y[0, 1, 4, 1] = 0.8, 0.45
+    p = y + rng.choice([-1, 1], y.shape) * rng.uniform(0.05, 1.2, y.shape)
+    pred = torch.tensor(p * peak, requires_grad=True)
+    adaptive_wing(pred, torch.tensor(y * peak), peak).backward()
+    w = np.where(np.stack([np.pad(y[0, c] > 0.2, 1)[i:i + 6, j:j + 6] for c in range(2)
+                           for i in range(3) for j in range(3)]).reshape(2, 9, 6, 6).any(1), 11.0, 1.0)
+    h = 1e-6
+    want = np.zeros_like(p)
+    for idx in np.ndindex(p.shape):
+        lo, hi = _awing_pixel(p[idx] - h, y[idx]), _awing_pixel(p[idx] + h, y[idx])
+        want[idx] = w[idx[1:]] * (hi - lo) / (2 * h) / peak / p.size
+    np.testing.assert_allclose(pred.grad.numpy(), want, rtol=1e-5, atol=1e-9)
 
 
 def test_occluders_hide_exactly_the_covered_landmarks():

@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-size", type=int, default=None, help="crop side (256 for the shipped model)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after M minutes")
     p.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) at this global step")
+    p.add_argument("--init", metavar="FILE",
+                   help="start a new run from the matching tensors of a weights file (e.g. the shipped "
+                        "lite weights for --arch lite64)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (or OUT/light.pt)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
@@ -62,7 +65,7 @@ def run(args) -> int:
                   val_every=args.val_every, log_every=args.log_every, limit=args.limit,
                   augment=not args.no_augment,
                   progress=False if args.quiet else ("lines" if args.log_lines else True), export_weights=args.export_weights,
-                  workers=args.workers)
+                  workers=args.workers, init=args.init)
     except (ValueError, FileNotFoundError) as e:
         print(f"ectfast train: {e}", file=sys.stderr)
         return 2

@@ -295,9 +295,45 @@ class LiteUNet(nn.Module):
         return primary, fusion
 
 
+class LiteUNet64(LiteUNet):
+    """``lite64``: :class:`LiteUNet` plus a 64-px refinement head, so that its final maps are
+    64 x 64 (the paper FCN's map size; fit with ``upsample=4``). The head reduces the FusionNet
+    features to ``head`` channels, upsamples them x2, concatenates the 64-px encoder features
+    (``enc64``), and a 3 x 3 convolution + 1 x 1 output give a *residual* added to the bilinearly
+    upsampled 32 x 32 fusion maps: ``final64 = up2(fusion32) + refine``. The residual's output
+    starts at zero, so a network initialised from trained ``lite`` weights
+    (``ectfast train --init FILE``) starts as that network. ``forward(x)`` -> (primary32,
+    final64)."""
+
+    def __init__(self, n_landmarks: int = N_LANDMARKS, c=(32, 64, 96, 128), width: int = 64, head: int = 32):
+        super().__init__(n_landmarks, c, width)
+        self.head_in = conv_bn(width, head, 1)
+        self.head64 = conv_bn(head + c[0], head, 3)
+        self.head_out = nn.Conv2d(head, n_landmarks, 1)
+        for m in (self.head_in[0], self.head64[0]):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        nn.init.zeros_(self.head_out.weight)  # the residual starts at zero: up2(fusion32) exactly
+        nn.init.zeros_(self.head_out.bias)
+
+    def forward(self, x):
+        _check_input(x, 16)
+        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        f64 = self.enc64(x)
+        f32 = self.enc32(f64)
+        f16 = self.enc16(f32)
+        f8 = self.enc8(f16)
+        d16 = self.dec16(torch.cat([_up2(f8), f16], 1))
+        d32 = self.dec32(torch.cat([_up2(d16), f32], 1))
+        primary = self.primary_out(d32)
+        feat = self.fusion(self.fuse_in(torch.cat([d32, primary], 1)))
+        h = self.head64(torch.cat([_up2(self.head_in(feat)), f64], 1))
+        return primary, _up2(self.fusion_out(feat)) + self.head_out(h)
+
+
 
 #: architecture name -> (class, input size, output-layer weight key); "lite" ships
-ARCHS = {"paper": (FCN, 256, "fusion.fuse2.weight"), "lite": (LiteUNet, 128, "fusion_out.weight")}
+ARCHS = {"paper": (FCN, 256, "fusion.fuse2.weight"), "lite": (LiteUNet, 128, "fusion_out.weight"),
+         "lite64": (LiteUNet64, 128, "head_out.weight")}
 DEFAULT_ARCH = "lite"
 
 

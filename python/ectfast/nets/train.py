@@ -228,6 +228,22 @@ class Trainer:
             self.ema.update_parameters(self.model)
         self.step, self.best_nme, self.history = ck["step"], ck["best_nme"], ck["history"]
 
+    def init_from(self, path) -> int:
+        """Initialise a fresh run from a weights file (``--init``): every tensor whose name and
+        shape match the network's is copied (a ``lite`` network into ``lite64``); the rest keep
+        their initialisation. Returns the number of tensors copied."""
+        blob = read_weights(path)
+        own = self.model.state_dict()
+        sd = {k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()
+              if k in own and own[k].shape == v.shape}
+        params = dict(self.model.named_parameters())
+        if not any(k in params for k in sd):  # the normalisation buffers alone do not count
+            raise ValueError(f"init: {path} shares no tensor with the {self.cfg['arch']} network")
+        self.model.load_state_dict(sd, strict=False)
+        self.cfg["init"] = {"file": os.path.basename(os.fspath(path)), "sha256": blob["sha256"],
+                            "arch": blob["arch"], "tensors": len(sd), "of": len(own)}
+        return len(sd)
+
     def load_light(self, path) -> None:
         """Warm resume from a light checkpoint (weights + position, no optimizer moments)."""
         blob = read_weights(path)
@@ -504,12 +520,13 @@ def train(data=None, out="runs/fcn", *, arch=None, loss=None, holdout=None, minu
           weight_decay=None, seed=None, input_size=None, warmup=None, clip=None, ema=None, max_minutes=None,
           max_steps=None, resume=False, device=None, amp="auto", channels_last="auto",
           compile_model=False, ckpt_every=500, val_every=None, log_every=10, limit=None,
-          augment=True, progress=True, export_weights=None, workers=4,
+          augment=True, progress=True, export_weights=None, workers=4, init=None,
           train_set: Optional[D.CropSet] = None, val_set: Optional[D.CropSet] = None) -> dict:
     """Train (or resume) the FCN; returns a summary dict. Data: ``packed`` (a file from
     ``python -m ectfast.cli.pack``), else ``data`` (a 300-W root: TRAIN_SUBSETS for training,
     lfpw/testset for validation), else ``train_set``/``val_set`` CropSets. Settings left None
-    come from the checkpoint when resuming, else DEFAULTS."""
+    come from the checkpoint when resuming, else DEFAULTS. ``init``: a weights file whose matching
+    tensors start a fresh run (:meth:`Trainer.init_from`)."""
     t0 = time.monotonic()
     out = os.fspath(out)
     saved_cfg, src, kind = _saved_config(out) if resume else (None, None, None)
@@ -571,6 +588,11 @@ def train(data=None, out="runs/fcn", *, arch=None, loss=None, holdout=None, minu
               "(weights only: optimizer moments restart)", file=sys.stderr)
     elif resume:
         print(f"no checkpoint in {out}: starting a new run", file=sys.stderr)
+    if saved_cfg and saved_cfg.get("init"):
+        trainer.cfg["init"] = saved_cfg["init"]
+    if init is not None and kind is None:  # a fresh run only: a resume carries its own weights
+        n = trainer.init_from(init)
+        print(f"initialised {n} of {len(trainer.model.state_dict())} tensors from {init}", file=sys.stderr)
     if progress:
         print(f"FCN {count_parameters(trainer.model) / 1e6:.2f} M parameters; {len(train_set)} training faces, "
               f"{0 if val_set is None else len(val_set)} validation; {trainer.steps_per_epoch} steps/epoch, "
