@@ -228,8 +228,8 @@ def report(args) -> int:
           f"Spearman(confidence, error) = {spearman(conf.ravel(), err.ravel()):.3f}")
     print(f"confidence (ECT, occluded): covered points mean {conf_o[occ_o].mean():.3f}, uncovered {conf_o[~occ_o].mean():.3f}")
     tau = opts.get("visibility_threshold", 0.5)
-    vis = np.asarray(ectfast.fit(estimate(est, load(faces, occlude=True, seed=5)[0]), pdm, method="ect",
-                                 upsample=8, **opts).visible)
+    maps_o = estimate(est, load(faces, occlude=True, seed=5)[0])
+    vis = np.asarray(ectfast.fit(maps_o, pdm, method="ect", upsample=256 // maps_o.shape[-1], **opts).visible)
     pred_occ = ~vis
     tp = (pred_occ & occ_o).sum()
     prec = tp / max(1, pred_occ.sum())

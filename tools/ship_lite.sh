@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Ship a lite network trained by `ectfast train ... --export-weights RUN/lite_300w.pt`: the
+# Ship a lite network trained by `ectfast train ... --export-weights FILE` (lite or lite64): the
 # package's weights with their record, the fit options cross-validated on held-out training
 # faces, the ONNX files (fp32 and int8), then every measurement bench/RESULTS.md reports.
 #
@@ -20,7 +20,8 @@ python - "$RUN" "$CMD" "$MACHINE" "$WALL" "$W" <<'EOF' > "$OUT/weights.txt"
 import json, sys
 from ectfast.nets.model import read_weights, save_weights
 run, cmd, machine, wall, dest = sys.argv[1:]
-blob = read_weights(f"{run}/lite_300w.pt")
+with open(f"{run}/summary.json") as f:  # the file `--export-weights` wrote
+    blob = read_weights(json.load(f)["weights"])
 meta = {k: v for k, v in blob["meta"].items() if k != "train_state"}
 meta.update(command=cmd, machine=machine, wall=wall,
             data="300-W training faces (AFW, HELEN train, LFPW train; research-use annotations), "
@@ -59,7 +60,8 @@ for precision in ("fp32", "int8"):
     print(precision, "; ".join(out))
 EOF
 step "network speed"
-python bench/fcn.py --arch lite --threads 2 > "$OUT/fcn.txt" 2>&1
+ARCH=$(python -c "from ectfast.nets.model import read_weights; print(read_weights('$W')['arch'])")
+python bench/fcn.py --arch "$ARCH" --threads 2 > "$OUT/fcn.txt" 2>&1
 step "pipeline speed"
 OMP_NUM_THREADS=2 python bench/pipeline.py --limit 300 --repeat 2 \
     --engines torch onnxruntime onnxruntime-int8 > "$OUT/pipeline.txt" 2>&1

@@ -6,6 +6,7 @@ PyTorch; ``import ectfast`` does not import this module. Chosen by name (:func:`
 arch        input       maps         parameters  GFLOP/face  use
 ==========  ==========  ===========  ==========  ==========  =======================================
 ``lite``    128 x 128   32 x 32      0.68 M      0.64        the default; ships in the package
+``lite64``  128 x 128   64 x 64      0.70 M      0.81        ``lite`` + a 64-px refinement head
 ``paper``   256 x 256   64 x 64 (+   10.0 M      93          the paper's FCN, for GPU users
                         256 x 256)
 ==========  ==========  ===========  ==========  ==========  =======================================
@@ -14,8 +15,8 @@ arch        input       maps         parameters  GFLOP/face  use
 256-pixel frame: a face is cropped to 256 x 256 (``ectfast.nets.data.crop_face``), the lite net sees it
 averaged 2 x 2 to 128 x 128, and its 32 x 32 maps are fitted with ``ectfast.fit(...,
 upsample=8)`` (map pixel ``i`` sits at ``8 i + 3.5`` of the 256 frame), so the fit's patch sizes,
-rho and the target scale of Eq. 15 are the paper's. The paper FCN's 64 x 64 maps use
-``upsample=4``.
+rho and the target scale of Eq. 15 are the paper's. The 64 x 64 maps of ``lite64`` and the
+paper FCN use ``upsample=4`` (map pixel ``i`` at ``4 i + 1.5``).
 
 The lite network (:class:`LiteUNet`) keeps the paper's ideas in a CPU-sized form: a PrimaryNet
 (a U-Net of dense 3 x 3 convolutions, 128 -> 8 px and back to 32 px, with depthwise-separable
