@@ -92,6 +92,24 @@ def test_lite64_starts_as_the_lite_network_it_is_initialised_from(tmp_path):
         T.Trainer(cs, None, str(tmp_path / "run2"), arch="lite", **kw).init_from(str(paper))
 
 
+def test_lite64_onnx_keeps_its_map_convolutions_float_for_int8(tmp_path):
+    """The int8 file keeps in float the first convolution and every convolution a response map
+    is computed from: for lite64 the 64-px maps are up2(fusion maps) + the head's residual."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    import onnx
+    from ectfast.nets import export as X
+
+    torch.manual_seed(3)
+    m = M.build("lite64").eval()
+    path = str(tmp_path / "l64.onnx")
+    X.export_onnx(m, path)
+    assert X.check_onnx(m, path) < 1e-3
+    kept = X.float_convolutions(onnx.load(path))
+    assert kept[0].endswith("enc64.0.0/Conv")
+    assert {k.split("/")[2] for k in kept[1:]} == {"primary_out", "fusion_out", "head_out"}
+
+
 def test_lite_weights_round_trip_checksum_and_clear_errors(tmp_path):
     torch.manual_seed(1)
     m = M.build("lite").eval()
