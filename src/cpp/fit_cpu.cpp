@@ -372,8 +372,8 @@ void extract_patch(const T* map, int64_t H, int64_t W, double x, double y, int64
 namespace {
 
 // The taps of every row and column of the upsampled frame, computed once per thread and map
-// size (each taps() costs two integer and two floating-point divisions; a 31 x 31 patch
-// needed 62 of them, about half the time of cutting it).
+// size instead of 2 r + 2 per patch (each taps() costs two integer and two floating-point
+// divisions); measured up to ~10 % of ECT's time (bench/fit_real.py).
 struct TapTable {
   int64_t h = -1, w = -1;
   int f = 0;

@@ -331,7 +331,6 @@ class LiteUNet64(LiteUNet):
         return primary, _up2(self.fusion_out(feat)) + self.head_out(h)
 
 
-
 #: architecture name -> (class, input size, output-layer weight key); "lite" ships
 ARCHS = {"paper": (FCN, 256, "fusion.fuse2.weight"), "lite": (LiteUNet, 128, "fusion_out.weight"),
          "lite64": (LiteUNet64, 128, "head_out.weight")}
