@@ -6,6 +6,8 @@ jitter) on LFPW test.
   python bench/lite_eval.py tune --weights python/ectfast/assets/lite_300w.pt --write
   # the report on lfpw/testset (224 faces), Markdown to stdout, CED + confidence plots to --out
   python bench/lite_eval.py report --out bench/lite_report
+  # ECT on the held-out faces for other patch-size schedules (the paper's first)
+  python bench/lite_eval.py schedules
 
 Faces are cropped as ``ectfast eval`` does (square box from the landmarks, 256 x 256 crop, the
 network's own input size inside the estimator). The occluder of the occlusion experiment is
@@ -122,10 +124,10 @@ def spearman(a, b) -> float:
 # ------------------------------------------------------------------ tune
 
 
-def tune(args) -> int:
-    est = TorchEstimator(args.weights, "cpu", flip=args.flip)
-    pdm = ectfast.default_pdm()
-    faces = holdout_faces(args.data)
+def heldout_sets(est, data):
+    """[(maps, landmarks)] of the held-out training faces, clean and occluded (box jitter 5 %,
+    seeded), and the covered landmarks of each set."""
+    faces = holdout_faces(data)
     t = time.time()
     sets, covered = [], []
     for occ in (False, True):
@@ -133,6 +135,35 @@ def tune(args) -> int:
         sets.append((estimate(est, crops), gt))
         covered.append(cov)
     print(f"{len(faces)} held-out training faces, clean + occluded, maps in {time.time() - t:.0f} s", file=sys.stderr)
+    return sets, covered
+
+
+#: (iterations, patch sizes, correction patch size) tried by `schedules`; the first is the paper's
+SCHEDULES = [(5, (30, 30, 30, 20, 20), 30), (5, (20, 20, 20, 12, 12), 30), (5, (30, 20, 12, 8, 8), 30),
+             (5, (40, 40, 30, 20, 20), 30), (8, (30, 30, 30, 20, 20, 20, 12, 12), 30), (10, (30,), 30),
+             (5, (30, 30, 30, 20, 20), 20), (5, (30, 30, 30, 20, 20), 40), (5, (16, 16, 16, 16, 16), 30)]
+
+
+def schedules(args) -> int:
+    """ECT's NME on the held-out training faces for other patch-size schedules, with the fit
+    options stored in the weights."""
+    est = TorchEstimator(args.weights, "cpu")
+    sets, _ = heldout_sets(est, args.data)
+    pdm = ectfast.default_pdm()
+    opts = {k: v for k, v in est.fit_options.items() if k != "visibility_threshold"}
+    print(f"fit options {opts}\n| iterations | patch sizes | correction patch | NME clean | NME occluded |\n|---|---|---|---|---|")
+    for it, sizes, r0 in SCHEDULES:
+        e = [metrics.nme(ectfast.fit(maps, pdm, method="ect", upsample=256 // maps.shape[-1], iterations=it,
+                                     patch_sizes=sizes, correction_patch_size=r0, **opts).landmarks, gt).mean()
+             for maps, gt in sets]
+        print(f"| {it} | {sizes} | {r0} | {100 * e[0]:.3f}% | {100 * e[1]:.3f}% |")
+    return 0
+
+
+def tune(args) -> int:
+    est = TorchEstimator(args.weights, "cpu", flip=args.flip)
+    pdm = ectfast.default_pdm()
+    sets, covered = heldout_sets(est, args.data)
     base = {}
     for i, (maps, gt) in enumerate(sets):
         r = run_methods(maps, pdm, ["crm-subpixel", "crm-clm"])
@@ -176,7 +207,7 @@ def tune(args) -> int:
         blob = read_weights(args.weights)
         meta = dict(blob["meta"])
         meta["fit"] = chosen
-        meta["fit_selection"] = (f"grid a x b x rho on {len(faces)} held-out training faces (clean + "
+        meta["fit_selection"] = (f"grid a x b x rho on {len(sets[0][1])} held-out training faces (clean + "
                                  "seeded occluder), mean NME of ECT; visibility_threshold: best F1 of "
                                  "'not visible' against covered points; bench/lite_eval.py tune")
         sd = {k: v for k, v in blob["state_dict"].items()}
@@ -288,8 +319,11 @@ def main(argv=None) -> int:
     r.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="fp32, or int8 (the int8 ONNX file beside the weights / shipped)")
     r.add_argument("--no-plots", action="store_true", help="tables only")
+    c = sub.add_parser("schedules", help="ECT on the held-out faces for other patch-size schedules")
+    c.add_argument("--weights", default=None)
+    c.add_argument("--data", default=ROOT)
     a = p.parse_args(argv)
-    return tune(a) if a.cmd == "tune" else report(a)
+    return {"tune": tune, "report": report, "schedules": schedules}[a.cmd](a)
 
 
 if __name__ == "__main__":
