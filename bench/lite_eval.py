@@ -150,7 +150,7 @@ def schedules(args) -> int:
     est = TorchEstimator(args.weights, "cpu")
     sets, _ = heldout_sets(est, args.data)
     pdm = ectfast.default_pdm()
-    opts = {k: v for k, v in est.fit_options.items() if k != "visibility_threshold"}
+    opts = est.fit_options
     print(f"fit options {opts}\n| iterations | patch sizes | correction patch | NME clean | NME occluded |\n|---|---|---|---|---|")
     for it, sizes, r0 in SCHEDULES:
         e = [metrics.nme(ectfast.fit(maps, pdm, method="ect", upsample=256 // maps.shape[-1], iterations=it,

@@ -22,7 +22,7 @@ that fails the check is removed (exit 1). The regeneration of the shipped file i
 int8 (``--int8``, :func:`quantize_int8`): ONNX Runtime's static quantisation of the float file
 (QDQ format, weights int8 per output channel, activations uint8 with ranges calibrated on
 canonical crops of training faces that training held out, never test faces; the first
-convolution and the two map outputs stay float, :func:`float_convolutions`), written beside it
+convolution and the convolutions that write the maps stay float, :func:`float_convolutions`), written beside it
 as ``NAME_int8.onnx`` with the same metadata plus ``precision: "int8"`` and the calibration;
 the engine runs it with ``precision="int8"`` (``ectfast.nets.engine``). Shipped file:
 
@@ -184,21 +184,21 @@ def float_convolutions(proto) -> list:
     response maps: the convolutions a graph output is computed from without passing another
     convolution (for ``lite64`` the 32-px fusion maps, upsampled, plus the 64-px head's
     residual)."""
-    nodes = list(proto.graph.node)
-    convs = [n for n in nodes if n.op_type == "Conv"]
-    producer = {t: n for n in nodes for t in n.output}
-    keep, seen = [], set()
+    convs = [n.name for n in proto.graph.node if n.op_type == "Conv"]
+    producer = {t: n for n in proto.graph.node for t in n.output}
+    maps, seen = set(), set()
     todo = [o.name for o in proto.graph.output]
     while todo:  # from the outputs back through non-convolution nodes (Add, Resize, ...)
-        n = producer.get(todo.pop())
-        if n is None or id(n) in seen:
+        t = todo.pop()
+        n = producer.get(t)
+        if n is None or t in seen:
             continue
-        seen.add(id(n))
+        seen.add(t)
         if n.op_type == "Conv":
-            keep.append(n)
+            maps.add(n.name)
         else:
             todo.extend(n.input)
-    return [convs[0].name] + [n.name for n in convs[1:] if n in keep]
+    return [convs[0]] + [c for c in convs[1:] if c in maps]
 
 
 def quantize_int8(src, out, crops: np.ndarray, batch: int = 16, calibration: str = "") -> dict:

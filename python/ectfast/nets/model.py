@@ -283,17 +283,22 @@ class LiteUNet(nn.Module):
         for out in (self.primary_out, self.fusion_out):
             nn.init.normal_(out.weight, std=1e-3)
 
-    def forward(self, x):
+    def trunk(self, x):
+        """(64-px encoder features, primary maps, FusionNet features before its 1x1 output)."""
         _check_input(x, 16)
         x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-        f32 = self.enc32(self.enc64(x))
+        f64 = self.enc64(x)
+        f32 = self.enc32(f64)
         f16 = self.enc16(f32)
         f8 = self.enc8(f16)
         d16 = self.dec16(torch.cat([_up2(f8), f16], 1))
         d32 = self.dec32(torch.cat([_up2(d16), f32], 1))
         primary = self.primary_out(d32)
-        fusion = self.fusion_out(self.fusion(self.fuse_in(torch.cat([d32, primary], 1))))
-        return primary, fusion
+        return f64, primary, self.fusion(self.fuse_in(torch.cat([d32, primary], 1)))
+
+    def forward(self, x):
+        _, primary, feat = self.trunk(x)
+        return primary, self.fusion_out(feat)
 
 
 class LiteUNet64(LiteUNet):
@@ -317,16 +322,7 @@ class LiteUNet64(LiteUNet):
         nn.init.zeros_(self.head_out.bias)
 
     def forward(self, x):
-        _check_input(x, 16)
-        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-        f64 = self.enc64(x)
-        f32 = self.enc32(f64)
-        f16 = self.enc16(f32)
-        f8 = self.enc8(f16)
-        d16 = self.dec16(torch.cat([_up2(f8), f16], 1))
-        d32 = self.dec32(torch.cat([_up2(d16), f32], 1))
-        primary = self.primary_out(d32)
-        feat = self.fusion(self.fuse_in(torch.cat([d32, primary], 1)))
+        f64, primary, feat = self.trunk(x)
         h = self.head64(torch.cat([_up2(self.head_in(feat)), f64], 1))
         return primary, _up2(self.fusion_out(feat)) + self.head_out(h)
 

@@ -4,9 +4,10 @@
 Architectures (``--arch``, ``ectfast.nets.model``): ``lite`` (default, 128 x 128 in, 32 x 32
 maps), ``lite64`` (``lite`` + a 64-px refinement head, 64 x 64 maps; ``--init`` with trained
 ``lite`` weights starts it as that network) and ``paper`` (the 93 GFLOP FCN). Landmarks and
-targets live in the fit's 256 frame: training crops are warped at 256 (``warp_torch``) and averaged 2 x 2 to the lite net's 128 input, exactly as the
-detector resizes its 256 crops; every network output gets a target at its own resolution
-(``data.target_maps_torch``: sigma 6 px of the 256 frame, the 256 target's peak 1.064).
+targets live in the fit's 256 frame: training crops are warped at 256 (``warp_torch``) and
+averaged 2 x 2 to the lite net's 128 input, exactly as the detector resizes its 256 crops;
+every network output gets a target at its own resolution (``data.target_maps_torch``: sigma 6
+px of the 256 frame, the 256 target's peak 1.064).
 
 Loss (``--loss``, :mod:`ectfast.nets.losses`): L2 per output for ``paper`` (the paper's), Adaptive Wing (foreground-weighted)
 for ``lite``, summed over the outputs (intermediate supervision). AdamW with a linear warm-up
