@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     from ectfast.nets.engine import make_estimator
     from lite_eval import estimate, holdout_faces, load
 
-    crops, _, _ = load(holdout_faces(a.data)[:a.faces])
+    crops = load(holdout_faces(a.data)[:a.faces])[0]
     est = make_estimator(a.weights, "cpu", "onnxruntime", threads=1)
     maps = estimate(est, crops)
     pdm = ectfast.default_pdm()

@@ -8,6 +8,8 @@ jitter) on LFPW test.
   python bench/lite_eval.py report --out bench/lite_report
   # ECT on the held-out faces for other patch-size schedules (the paper's first)
   python bench/lite_eval.py schedules
+  # only the landmark offset (tune measures it too): mean residual on the held-out faces
+  python bench/lite_eval.py offset --weights python/ectfast/assets/lite_300w.pt --write
 
 Faces are cropped as ``ectfast eval`` does (square box from the landmarks, 256 x 256 crop, the
 network's own input size inside the estimator). The occluder of the occlusion experiment is
@@ -62,13 +64,15 @@ def occluder(rng, lm, shape, frac=0.25):
 
 
 def load(faces, *, jitter=0.0, occlude=False, seed=0):
-    """Crops (B, 256, 256, 3) BGR, landmarks in crop pixels (B, 68, 2), occluded (B, 68) bool."""
+    """Crops (B, 256, 256, 3) BGR, landmarks in crop pixels (B, 68, 2), occluded (B, 68) bool, and
+    each crop's scale (B,) (crop pixels per image pixel: the crop is a scaled, shifted copy of the
+    image, so an offset of d image pixels is d x scale crop pixels)."""
     rng = np.random.default_rng(seed)
     imgs, lms = [], []
     for ip, pp in faces:
         imgs.append(cv2.imread(ip, cv2.IMREAD_COLOR))
         lms.append(read_pts(pp))
-    crops, gts, occ = [], [], []
+    crops, gts, occ, scales = [], [], [], []
     for i, (img, lm) in enumerate(zip(imgs, lms)):
         o = np.zeros(len(lm), bool)
         if occlude:
@@ -92,7 +96,8 @@ def load(faces, *, jitter=0.0, occlude=False, seed=0):
         crops.append(crop)
         gts.append(D.transform_points(A, lm))
         occ.append(o)
-    return np.stack(crops), np.stack(gts), np.stack(occ)
+        scales.append(np.sqrt(abs(np.linalg.det(np.asarray(A, np.float64)[:, :2]))))
+    return np.stack(crops), np.stack(gts), np.stack(occ), np.array(scales)
 
 
 def estimate(est, crops, batch=32):
@@ -102,17 +107,30 @@ def estimate(est, crops, batch=32):
     return np.concatenate(out)
 
 
-def run_methods(maps, pdm, methods=METHODS, **opts):
-    """{method: (landmarks in the 256 frame, confidence or None)}."""
+def run_methods(maps, pdm, methods=METHODS, offset=None, **opts):
+    """{method: (landmarks in the 256 frame, confidence or None)}; ``offset`` (B, 2) crop pixels
+    added to every method's landmarks (the network's landmark offset: see :func:`crop_offset`)."""
     f = 256 // maps.shape[-1]
+    add = 0.0 if offset is None else np.asarray(offset, np.float64)[:, None, :]
     res = {}
     for m in methods:
         if m == "crm-subpixel":
-            res[m] = (subpixel_peaks(maps, f), None)
+            res[m] = (subpixel_peaks(maps, f) + add, None)
         else:
             r = ectfast.fit(maps, pdm, method=m, upsample=f, **opts)
-            res[m] = (np.asarray(r.landmarks, np.float64), np.asarray(r.confidence, np.float64))
+            res[m] = (np.asarray(r.landmarks, np.float64) + add, np.asarray(r.confidence, np.float64))
     return res
+
+
+def crop_offset(est, scales):
+    """(B, 2): the estimator's landmark offset (image pixels; ectfast.nets.engine.landmark_offset)
+    in the crop pixels of faces of the given scales: what ectfast.Detector adds in the image."""
+    return np.asarray(scales, np.float64)[:, None] * np.asarray(est.landmark_offset, np.float64)[None, :]
+
+
+def measure_offset(pred, gt, scales):
+    """The mean residual (annotation - prediction) in image pixels, (dx, dy)."""
+    return ((gt - pred) / np.asarray(scales, np.float64)[:, None, None]).reshape(-1, 2).mean(0)
 
 
 def spearman(a, b) -> float:
@@ -125,14 +143,14 @@ def spearman(a, b) -> float:
 
 
 def heldout_sets(est, data):
-    """[(maps, landmarks)] of the held-out training faces, clean and occluded (box jitter 5 %,
-    seeded), and the covered landmarks of each set."""
+    """[(maps, landmarks, scales)] of the held-out training faces, clean and occluded (box jitter
+    5 %, seeded), and the covered landmarks of each set."""
     faces = holdout_faces(data)
     t = time.time()
     sets, covered = [], []
     for occ in (False, True):
-        crops, gt, cov = load(faces, occlude=occ, jitter=0.05, seed=11 + occ)
-        sets.append((estimate(est, crops), gt))
+        crops, gt, cov, scales = load(faces, occlude=occ, jitter=0.05, seed=11 + occ)
+        sets.append((estimate(est, crops), gt, scales))
         covered.append(cov)
     print(f"{len(faces)} held-out training faces, clean + occluded, maps in {time.time() - t:.0f} s", file=sys.stderr)
     return sets, covered
@@ -155,7 +173,7 @@ def schedules(args) -> int:
     for it, sizes, r0 in SCHEDULES:
         e = [metrics.nme(ectfast.fit(maps, pdm, method="ect", upsample=256 // maps.shape[-1], iterations=it,
                                      patch_sizes=sizes, correction_patch_size=r0, **opts).landmarks, gt).mean()
-             for maps, gt in sets]
+             for maps, gt, _ in sets]
         print(f"| {it} | {sizes} | {r0} | {100 * e[0]:.3f}% | {100 * e[1]:.3f}% |")
     return 0
 
@@ -165,7 +183,7 @@ def tune(args) -> int:
     pdm = ectfast.default_pdm()
     sets, covered = heldout_sets(est, args.data)
     base = {}
-    for i, (maps, gt) in enumerate(sets):
+    for i, (maps, gt, _) in enumerate(sets):
         r = run_methods(maps, pdm, ["crm-subpixel", "crm-clm"])
         base[i] = {m: metrics.nme(r[m][0], gt).mean() for m in r}
     print("baselines (clean, occluded):", base, file=sys.stderr)
@@ -173,7 +191,7 @@ def tune(args) -> int:
     rows = []
     for a, b, rho in grid:
         e = [metrics.nme(run_methods(maps, pdm, ["ect"], a=a, b=b, rho=rho)["ect"][0], gt).mean()
-             for maps, gt in sets]
+             for maps, gt, _ in sets]
         rows.append((float(np.mean(e)), e[0], e[1], a, b, rho))
     rows.sort()
     print("| a | b | rho | NME clean | NME occluded | mean |\n|---|---|---|---|---|---|")
@@ -187,7 +205,7 @@ def tune(args) -> int:
     # the visibility threshold tau: best F1 of "not visible" against the covered landmarks over
     # the clean and the occluded faces, with the chosen a, b, rho
     conf = np.concatenate([np.asarray(ectfast.fit(maps, pdm, method="ect", upsample=256 // maps.shape[-1],
-                                                  **chosen).confidence).ravel() for maps, _ in sets])
+                                                  **chosen).confidence).ravel() for maps, _, _ in sets])
     cov = np.concatenate([c.ravel() for c in covered])
     print("| tau | precision | recall | F1 |\n|---|---|---|---|")
     f1s = []
@@ -200,19 +218,52 @@ def tune(args) -> int:
         print(f"| {tau} | {p:.3f} | {r:.3f} | {f1:.3f} |")
     chosen["visibility_threshold"] = max(f1s)[1]
     print(f"chosen on held-out training faces: {chosen}")
+    off = heldout_offset(sets[0], pdm, chosen)
     if args.write:
-        import torch  # noqa: F401  (the .pt weights file needs torch)
-        from ectfast.nets.model import read_weights, save_weights
+        _write_meta(args.weights, {
+            "fit": chosen,
+            "fit_selection": (f"grid a x b x rho on {len(sets[0][1])} held-out training faces (clean + "
+                              "seeded occluder), mean NME of ECT; visibility_threshold: best F1 of "
+                              "'not visible' against covered points; bench/lite_eval.py tune"),
+            **off})
+    return 0
 
-        blob = read_weights(args.weights)
-        meta = dict(blob["meta"])
-        meta["fit"] = chosen
-        meta["fit_selection"] = (f"grid a x b x rho on {len(sets[0][1])} held-out training faces (clean + "
-                                 "seeded occluder), mean NME of ECT; visibility_threshold: best F1 of "
-                                 "'not visible' against covered points; bench/lite_eval.py tune")
-        sd = {k: v for k, v in blob["state_dict"].items()}
-        sha = save_weights(sd, args.weights, meta={**meta, "arch": blob["arch"]})
-        print(f"wrote fit options into {args.weights} (sha256 {sha})")
+
+def heldout_offset(clean, pdm, opts) -> dict:
+    """The landmark offset (ectfast.nets.engine.landmark_offset) measured on the clean held-out
+    faces: the mean residual of ECT with ``opts`` in image pixels; prints ECT's NME without and
+    with it. Returns the metadata entries to store."""
+    maps, gt, scales = clean
+    pred = run_methods(maps, pdm, ["ect"], **opts)["ect"][0]
+    off = measure_offset(pred, gt, scales)
+    shifted = pred + scales[:, None, None] * off
+    print(f"landmark offset on {len(gt)} held-out training faces: dx {off[0]:+.3f}, dy {off[1]:+.3f} image px; "
+          f"ECT NME {100 * metrics.nme(pred, gt).mean():.3f}% without, {100 * metrics.nme(shifted, gt).mean():.3f}% with it")
+    return {"landmark_offset": [round(float(v), 3) for v in off],
+            "landmark_offset_selection": (f"mean residual (annotation - ECT) in image pixels on {len(gt)} held-out "
+                                          "training faces; bench/lite_eval.py tune")}
+
+
+def _write_meta(path, updates: dict) -> None:
+    """Store ``updates`` in the metadata of the weights file ``path`` (same tensors and sha256)."""
+    import torch  # noqa: F401  (the .pt weights file needs torch)
+    from ectfast.nets.model import read_weights, save_weights
+
+    if path is None:
+        raise ValueError("weights: --write needs the weights file to write (--weights FILE)")
+    blob = read_weights(path)
+    meta = {**blob["meta"], **updates}
+    sha = save_weights(dict(blob["state_dict"]), path, meta={**meta, "arch": blob["arch"]})
+    print(f"wrote {sorted(updates)} into {path} (sha256 {sha})")
+
+
+def offset(args) -> int:
+    """Only the landmark offset, with the fit options stored in the weights."""
+    est = TorchEstimator(args.weights, "cpu")
+    sets, _ = heldout_sets(est, args.data)
+    off = heldout_offset(sets[0], ectfast.default_pdm(), est.fit_options)
+    if args.write:
+        _write_meta(args.weights, off)
     return 0
 
 
@@ -229,13 +280,15 @@ def report(args) -> int:
           f"{est.flip}; {est.engine} {est.precision} ({est.path})")
     out = {}
     for name, kw in (("clean", {}), ("occluded", dict(occlude=True, seed=5)), ("jitter", dict(jitter=0.10, seed=7))):
-        crops, gt, occ = load(faces, **kw)
+        crops, gt, occ, scales = load(faces, **kw)
         maps = estimate(est, crops)
-        res = run_methods(maps, pdm, **opts)
-        res_paper = run_methods(maps, pdm, ["ect"])
-        out[name] = (gt, occ, res, res_paper)
+        shift = crop_offset(est, scales)  # the landmark offset the detector adds in the image
+        res = run_methods(maps, pdm, offset=shift, **opts)
+        res_paper = run_methods(maps, pdm, ["ect"], offset=shift)
+        res_raw = run_methods(maps, pdm, ["ect"], **opts)
+        out[name] = (gt, occ, res, res_paper, res_raw)
 
-    gt, occ, res, res_paper = out["clean"]
+    gt, occ, res, res_paper, _ = out["clean"]
     print("\n### LFPW test (224 faces), landmark boxes\n")
     print("| method | NME (inter-ocular) | failure @0.08 | AUC@0.08 | NME occluded (25 % occluder) | NME box jitter (+-10 %) |")
     print("|---|---|---|---|---|---|")
@@ -248,7 +301,8 @@ def report(args) -> int:
     for name in ("clean", "occluded", "jitter"):
         g = out[name][0]
         print(f"\nECT with the paper's a, b, rho ({name}): NME {100 * metrics.nme(out[name][3]['ect'][0], g).mean():.2f}%", end="")
-    print()
+    print(f"\nlandmark offset (dx, dy) {est.landmark_offset.tolist()} image px; ECT without it: " + ", ".join(
+        f"{name} {100 * metrics.nme(out[name][4]['ect'][0], out[name][0]).mean():.2f}%" for name in out))
 
     # confidence: distribution and rank correlation with the per-landmark error
     conf = res["ect"][1]
@@ -322,8 +376,12 @@ def main(argv=None) -> int:
     c = sub.add_parser("schedules", help="ECT on the held-out faces for other patch-size schedules")
     c.add_argument("--weights", default=None)
     c.add_argument("--data", default=ROOT)
+    o = sub.add_parser("offset", help="measure (and --write) only the landmark offset on the held-out faces")
+    o.add_argument("--weights", default=None)
+    o.add_argument("--data", default=ROOT)
+    o.add_argument("--write", action="store_true", help="store it in the weights file's meta['landmark_offset']")
     a = p.parse_args(argv)
-    return {"tune": tune, "report": report, "schedules": schedules}[a.cmd](a)
+    return {"tune": tune, "report": report, "schedules": schedules, "offset": offset}[a.cmd](a)
 
 
 if __name__ == "__main__":

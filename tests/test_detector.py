@@ -390,6 +390,24 @@ def test_photographs_with_the_shipped_network(data_dir, name):
         assert len(faces) >= 2  # both people
 
 
+def test_landmarks_get_the_networks_landmark_offset_in_image_pixels(scene):
+    """An estimator's landmark_offset (image pixels) is added to every landmark mapped back to the
+    image, and to nothing else; a malformed one is refused before the network runs."""
+    T, imgs, gts = scene
+    box = _box(facedata, gts[0])
+    est = FiducialEstimator(T)
+    (f0,) = ectfast.Detector(estimator=est).detect(imgs[0], boxes=box)
+    est.landmark_offset = np.array([1.5, -0.25])
+    (f1,) = ectfast.Detector(estimator=est).detect(imgs[0], boxes=box)
+    np.testing.assert_allclose(f1.landmarks - f0.landmarks, np.broadcast_to([1.5, -0.25], f0.landmarks.shape),
+                               atol=1e-9)
+    np.testing.assert_array_equal(f1.confidence, f0.confidence)
+    for bad in ([1.0, float("nan")], [1.0, 2.0, 3.0], "ab"):
+        est.landmark_offset = bad
+        with pytest.raises(ValueError, match="estimator: landmark_offset"):
+            ectfast.Detector(estimator=est).detect(imgs[0], boxes=box)
+
+
 def test_visibility_threshold_defaults_to_the_networks(scene):
     """tau: the Detector's when given, else the one stored with the network (its fit options)."""
     T, imgs, gts = scene

@@ -79,6 +79,26 @@ def test_test_time_flip_averages_the_mirrored_maps(net_files):
         E.flip_average(np.zeros((1, 68, 8, 8)), np.zeros((1, 68, 8, 4)))
 
 
+def test_landmark_offset_comes_from_the_weights_metadata(net_files, tmp_path):
+    """The (dx, dy) image-pixel landmark offset is read from the weights' metadata by both engines
+    (the ONNX file carries it), (0, 0) where none is stored; a bad one is refused by name."""
+    from ectfast.nets import model
+
+    pt, onnx_path, _ = net_files
+    assert E.OnnxEstimator(onnx_path).landmark_offset.tolist() == [0.0, 0.0]
+    assert E.TorchEstimator(pt, device="cpu").landmark_offset.tolist() == [0.0, 0.0]
+    blob = model.read_weights(pt)
+    off_pt = tmp_path / "off.pt"
+    model.save_weights(blob["state_dict"], off_pt, meta={**blob["meta"], "arch": blob["arch"],
+                                                         "landmark_offset": [0.97, 0.02]})
+    assert cli.main(["export-onnx", "--weights", str(off_pt), "--out", str(tmp_path / "off.onnx")]) == 0
+    for est in (E.TorchEstimator(off_pt, device="cpu"), E.OnnxEstimator(tmp_path / "off.onnx")):
+        assert est.landmark_offset.tolist() == [0.97, 0.02]
+    for bad in ([1.0], [1.0, float("inf")], "ab", [20.0, 0.0], {"x": 1}):
+        with pytest.raises(ValueError, match="w.pt: landmark_offset"):
+            E.landmark_offset({"landmark_offset": bad}, "w.pt")
+
+
 def test_onnx_matches_torch_on_256_crops(net_files):
     pt, onnx_path, _ = net_files
     o = E.OnnxEstimator(onnx_path)

@@ -410,7 +410,7 @@ def test_weights_file_round_trip_checksum_and_corruption(tmp_path):
 def test_default_weights_path_is_clear_when_absent():
     if has_pretrained():
         blob = read_weights(os.path.join(ROOT, "python", "ectfast", "assets", "lite_300w.pt"))
-        assert blob["n_landmarks"] == 68 and blob["arch"] in ("lite", "lite64")
+        assert blob["n_landmarks"] == 68 and blob["arch"] in ("lite", "lite64", "lite-hr")
     else:
         with pytest.raises(FileNotFoundError, match="lite_300w.pt"):
             load_pretrained()

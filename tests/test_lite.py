@@ -46,19 +46,25 @@ def test_lite_shapes_size_and_flops():
         M.build("resnet")
 
 
-def test_lite64_starts_as_the_lite_network_it_is_initialised_from(tmp_path):
-    """lite64's final 64 x 64 maps are the lite network's 32 x 32 maps upsampled x2 plus a
-    residual that starts at zero: initialised from lite weights it gives exactly their maps."""
-    from ectfast.nets import train as T
-
-    torch.manual_seed(2)
+def _nontrivial_lite(seed):
+    """A lite network with non-trivial BatchNorm statistics and output layer."""
+    torch.manual_seed(seed)
     lite = M.build("lite").eval()
-    with torch.no_grad():  # non-trivial BatchNorm statistics and output layer
+    with torch.no_grad():
         for mod in lite.modules():
             if isinstance(mod, torch.nn.BatchNorm2d):
                 mod.running_mean.uniform_(-0.1, 0.1)
                 mod.running_var.uniform_(0.5, 1.5)
         lite.fusion_out.weight.normal_(0, 0.1)
+    return lite
+
+
+def test_lite64_starts_as_the_lite_network_it_is_initialised_from(tmp_path):
+    """lite64's final 64 x 64 maps are the lite network's 32 x 32 maps upsampled x2 plus a
+    residual that starts at zero: initialised from lite weights it gives exactly their maps."""
+    from ectfast.nets import train as T
+
+    lite = _nontrivial_lite(2)
     m = M.build("lite64").eval()
     assert m.input_size == 128
     assert 0.6e9 < M.forward_flops(arch="lite64") < 0.9e9
@@ -92,22 +98,55 @@ def test_lite64_starts_as_the_lite_network_it_is_initialised_from(tmp_path):
         T.Trainer(cs, None, str(tmp_path / "run2"), arch="lite", **kw).init_from(str(paper))
 
 
-def test_lite64_onnx_keeps_its_map_convolutions_float_for_int8(tmp_path):
-    """The int8 file keeps in float the first convolution and every convolution a response map
-    is computed from: for lite64 the 64-px maps are up2(fusion maps) + the head's residual."""
+def test_lite_hr_reads_the_full_crop_and_starts_as_the_lite_network():
+    """lite-hr takes the 256 x 256 crop; its stem adds a high-resolution branch whose last
+    convolution starts at zero, so with lite weights it gives the lite network's maps of the
+    2 x 2-averaged crop; once that branch is non-zero, detail the average removes changes the maps."""
+    lite = _nontrivial_lite(4)
+    m = M.build("lite-hr").eval()
+    assert m.input_size == 256 == M.input_size("lite-hr")
+    assert M.forward_flops(arch="lite") < M.forward_flops(arch="lite-hr") < 1.15 * M.forward_flops(arch="lite")
+    missing = m.load_state_dict(lite.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("hr_") for k in missing)
+    x = torch.rand(2, 3, 256, 256)
+    with torch.no_grad():
+        p0, f0 = lite(torch.nn.functional.avg_pool2d(x, 2))
+        p1, f1 = m(x)
+        assert f1.shape == (2, 68, 32, 32)
+        # the same sums in another order (pooling before or after the normalisation)
+        torch.testing.assert_close(p1, p0, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(f1, f0, atol=1e-4, rtol=1e-4)
+        assert f0.abs().max() > 0.05
+        # a checkerboard has a 2 x 2 average of zero: only the high-resolution branch sees it
+        board = torch.from_numpy(np.indices((256, 256)).sum(0) % 2 * 2.0 - 1.0).float() * 0.2
+        torch.testing.assert_close(lite(torch.nn.functional.avg_pool2d(x + board, 2))[1], f0, atol=1e-4, rtol=1e-4)
+        torch.nn.init.normal_(m.hr_out.weight, std=0.1)
+        assert (m(x + board)[1] - m(x)[1]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="x: H and W must be multiples of 32"):
+        m(torch.rand(1, 3, 240, 240))
+
+
+@pytest.mark.parametrize("arch, first, maps", [
+    ("lite", {"enc64.0.0"}, {"primary_out", "fusion_out"}),
+    ("lite64", {"enc64.0.0"}, {"primary_out", "fusion_out", "head_out"}),
+    ("lite-hr", {"enc64.0.0", "hr_in.0"}, {"primary_out", "fusion_out"})])
+def test_int8_keeps_the_image_and_map_convolutions_float(tmp_path, arch, first, maps):
+    """The int8 file keeps in float every convolution that reads the image (lite-hr: the stem's
+    and its high-resolution branch's) and every convolution a response map is computed from (for
+    lite64 the 64-px maps are up2(fusion maps) + the head's residual)."""
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     import onnx
     from ectfast.nets import export as X
 
     torch.manual_seed(3)
-    m = M.build("lite64").eval()
-    path = str(tmp_path / "l64.onnx")
+    m = M.build(arch).eval()
+    path = str(tmp_path / "net.onnx")
     X.export_onnx(m, path)
     assert X.check_onnx(m, path) < 1e-3
     kept = X.float_convolutions(onnx.load(path))
-    assert kept[0].endswith("enc64.0.0/Conv")
-    assert {k.split("/")[2] for k in kept[1:]} == {"primary_out", "fusion_out", "head_out"}
+    names = {k.split("/")[-2] for k in kept}
+    assert names == first | maps, kept
 
 
 def test_lite_weights_round_trip_checksum_and_clear_errors(tmp_path):
@@ -149,9 +188,12 @@ def test_shipped_weights_verify():
     if not os.path.isfile(SHIPPED):
         pytest.fail(f"the lite weights must ship in the package: {SHIPPED} is missing")
     blob = M.read_weights(SHIPPED)  # checksum verified inside
-    assert blob["arch"] in ("lite", "lite64") and os.path.getsize(SHIPPED) < 5 * 2**20
+    assert blob["arch"] in ("lite", "lite64", "lite-hr") and os.path.getsize(SHIPPED) < 5 * 2**20
     meta = blob["meta"]
     assert {"a", "b"} <= set(meta["fit"]) and meta["data"] and meta["epochs"] > 0
+    # measured on held-out training faces: 300-W's labels sit ~1 image px right of a flip-trained net's points
+    dx, dy = meta["landmark_offset"]
+    assert 0.5 < dx < 1.5 and abs(dy) < 0.3
     net = M.load_pretrained()
     assert net.arch == blob["arch"] and M.forward_flops(arch=net.arch) < 1e9
 
@@ -330,7 +372,7 @@ def test_shipped_network_on_lfpw_test(data_dir):
 @pytest.mark.data
 def test_shipped_int8_network_on_lfpw_test(data_dir):
     """The shipped int8 ONNX file is quantised from the shipped weights and keeps their accuracy
-    on the 224 LFPW test faces (measured ECT 3.20 %, as fp32; bench/RESULTS.md)."""
+    on the 224 LFPW test faces (measured ECT 3.02 %, as fp32; bench/RESULTS.md)."""
     pytest.importorskip("onnxruntime")
     from ectfast.app.evaluate import evaluate
     from ectfast.nets import engine as E
@@ -345,4 +387,6 @@ def test_shipped_int8_network_on_lfpw_test(data_dir):
     assert nme < LFPW_ECT_BOUND, nme
 
 
-LFPW_ECT_BOUND = 0.0335  # measured 3.20% with the shipped weights, fp32 and int8 (bench/RESULTS.md, "Lite network")
+# measured 3.02% with the shipped weights and their landmark offset, fp32 and int8 (3.20% without the
+# offset: this bound fails if it is lost; bench/RESULTS.md, "Lite network")
+LFPW_ECT_BOUND = 0.0315

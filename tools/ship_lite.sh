@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Ship a lite network trained by `ectfast train ... --export-weights FILE` (lite or lite64): the
+# Ship a lite network trained by `ectfast train ... --export-weights FILE` (lite, lite64 or lite-hr): the
 # package's weights with their record, the fit options cross-validated on held-out training
 # faces, the ONNX files (fp32 and int8), then every measurement bench/RESULTS.md reports.
 #

@@ -12,7 +12,8 @@ The pipeline, for a batch of images:
    68 response maps each;
 4. :func:`ectfast.fit` (ECT by default) on the same batches -> landmarks, confidence,
    visibility, in crop pixels;
-5. landmarks mapped back to image pixels with the inverse affine (``crops.crop_to_image``).
+5. landmarks mapped back to image pixels with the inverse affine (``crops.crop_to_image``), plus
+   the network's ``landmark_offset`` (``ectfast.nets.engine.landmark_offset``).
 
 Images are NumPy arrays as OpenCV gives them (H x W x 3 uint8, **BGR**; pass ``rgb=True`` for
 RGB arrays), grey H x W, H x W x 1 or 4-channel (BGRA / RGBA) arrays (converted), float arrays
@@ -61,13 +62,22 @@ def run_pipeline(estimator: Callable, crops_bgr: Sequence[np.ndarray], Ms: np.nd
                  *, pdm=None, backend: str = "auto", batch_size: int = 16, fit_options: Optional[dict] = None,
                  progress=None) -> dict:
     """Estimator once per crop, then ectfast.fit for each method on the same maps, in batches of
-    ``batch_size``; landmarks mapped back to image pixels with the inverse of each crop's M.
+    ``batch_size``; landmarks mapped back to image pixels with the inverse of each crop's M, plus
+    the estimator's ``landmark_offset`` (image pixels; ``ectfast.nets.engine.landmark_offset``)
+    where it has one.
 
     Returns {method: {"landmarks": (k, n, 2) image px, "crop_landmarks": (k, n, 2),
     "confidence": (k, n), "visible": (k, n) bool}}."""
     from ectfast.core import _dispatch
     from ectfast.core.fit import fit
 
+    offset = getattr(estimator, "landmark_offset", None)
+    try:
+        offset = np.zeros(2) if offset is None else np.asarray(offset, dtype=np.float64)
+    except (TypeError, ValueError):
+        offset = np.zeros(0)
+    if offset.shape != (2,) or not np.isfinite(offset).all():
+        raise ValueError(f"estimator: landmark_offset must be two finite image-pixel numbers (dx, dy), got {offset!r}")
     k = len(crops_bgr)
     out = {m: {"crop_landmarks": [], "confidence": [], "visible": []} for m in methods}
     keep_on_device = backend == "cuda" or (backend == "auto" and "cuda" in _dispatch.backends())
@@ -96,7 +106,7 @@ def run_pipeline(estimator: Callable, crops_bgr: Sequence[np.ndarray], Ms: np.nd
         res = out[m]
         for key in ("crop_landmarks", "confidence", "visible"):
             res[key] = np.concatenate(res[key]) if res[key] else np.zeros((0,))
-        res["landmarks"] = crop_to_image(res["crop_landmarks"], Ms) if k else np.zeros((0, 0, 2))
+        res["landmarks"] = crop_to_image(res["crop_landmarks"], Ms) + offset if k else np.zeros((0, 0, 2))
     return out
 
 

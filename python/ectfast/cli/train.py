@@ -7,6 +7,7 @@ import json
 import math
 import sys
 
+from ectfast.nets.data import STORED_SIZE, STORED_SIZE_FULL
 from ectfast.nets.model import ARCHS
 from ectfast.nets.train import DEFAULTS, train
 
@@ -37,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) at this global step")
     p.add_argument("--init", metavar="FILE",
                    help="start a new run from the matching tensors of a weights file (e.g. the shipped "
-                        "lite weights for --arch lite64)")
+                        "lite weights for --arch lite64 or lite-hr)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (or OUT/light.pt)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
@@ -48,6 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="use only the first N faces of each split")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--workers", type=int, default=4, help="decoding threads")
+    p.add_argument("--stored-size", type=int, default=None,
+                   help=f"side of the stored margin crops read from --data (default {STORED_SIZE}, or the "
+                        f"run's own when resuming: 213 px "
+                        f"per 256-px face crop; {STORED_SIZE_FULL} keeps the full resolution that the 256-px "
+                        f"input of lite-hr sees)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--log-lines", action="store_true",
                    help="print one line per log record instead of a progress bar (for logs/pipes)")
@@ -65,7 +71,7 @@ def run(args) -> int:
                   val_every=args.val_every, log_every=args.log_every, limit=args.limit,
                   augment=not args.no_augment,
                   progress=False if args.quiet else ("lines" if args.log_lines else True), export_weights=args.export_weights,
-                  workers=args.workers, init=args.init)
+                  workers=args.workers, init=args.init, stored_size=args.stored_size)
     except (ValueError, FileNotFoundError) as e:
         print(f"ectfast train: {e}", file=sys.stderr)
         return 2

@@ -63,6 +63,8 @@ BOX_SCALE = 1.3
 INPUT_SIZE = 256
 STORED_SIZE = 288
 CONTEXT = 1.35
+#: stored crops that keep the 256 frame's full resolution (>= 256 x CONTEXT): for ``lite-hr``
+STORED_SIZE_FULL = 352
 PACK_FORMAT = "ectfast-packed-crops"
 PACK_VERSION = 1
 

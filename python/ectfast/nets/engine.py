@@ -8,6 +8,8 @@ response maps ``(B, 68, h, h)`` (h = 32 for the lite network: ``ectfast.fit`` th
 * ``input_size``: the network's input side (128 for ``lite``, 256 for ``paper``);
 * ``fit_options``: ``ectfast.fit`` keyword arguments chosen for this network (from its weights'
   metadata, ``meta["fit"]``);
+* ``landmark_offset``: (dx, dy) in image pixels that the detector adds to every landmark mapped
+  back to the image (:func:`landmark_offset`; (0, 0) when the weights' metadata has none);
 * ``engine``, ``device``, ``arch``, ``sha256`` (of the PyTorch state dict it comes from);
 * ``flip``: test-time flip (:func:`flip_average`): the network also runs on the mirrored crops
   and the two sets of maps are averaged, landmarks re-ordered by the 68-point mirror. Twice the
@@ -157,6 +159,28 @@ def pool_to(x: np.ndarray, size: int) -> np.ndarray:
     return x.reshape(b, c, size, k, size, k).mean(axis=(3, 5), dtype=np.float32)
 
 
+def landmark_offset(meta, source="weights") -> np.ndarray:
+    """The (dx, dy) image-pixel offset stored in a network's metadata (``meta["landmark_offset"]``),
+    float64 (2,); (0, 0) when there is none. Why it exists: 300-W's annotations sit about one
+    image pixel to the right of where a network trained with flip augmentation puts the points:
+    a flip mirrors the image content and the labels alike, so a constant offset of the labels
+    from the content along x is learned with opposite signs and averages out (along y it is
+    learned). ``bench/lite_eval.py tune`` measures the mean residual (annotation - ECT) on the
+    held-out training faces in their image pixels and stores it with the weights
+    (bench/RESULTS.md, "Lite network")."""
+    v = (meta or {}).get("landmark_offset")
+    if v is None:
+        return np.zeros(2)
+    try:
+        off = np.asarray(v, dtype=np.float64)
+    except (TypeError, ValueError):
+        off = np.zeros(0)
+    if off.shape != (2,) or not np.isfinite(off).all() or (np.abs(off) > 8).any():
+        raise ValueError(f"{source}: landmark_offset in the metadata must be two finite numbers (dx, dy) of at "
+                         f"most 8 image pixels, got {v!r}")
+    return off
+
+
 #: test-time flip off by default: on the shipped network it did not lower ECT's error on LFPW test
 #: (3.19 % either way) for twice the network's time (bench/RESULTS.md, "Lite network")
 DEFAULT_FLIP = False
@@ -265,6 +289,7 @@ class OnnxEstimator:
         self.sha256 = self.meta.get("sha256")
         #: fit parameters chosen for this network's maps (stored with its weights)
         self.fit_options = dict((self.meta.get("meta") or {}).get("fit") or {})
+        self.landmark_offset = landmark_offset(self.meta.get("meta"), self.path)
         #: "fp32" or "int8" (ectfast export-onnx --int8)
         self.precision = self.meta.get("precision", "fp32")
         inputs = self.session.get_inputs()
@@ -314,6 +339,7 @@ class TorchEstimator:
         self.sha256 = model.read_weights(self.path).get("sha256")
         #: fit parameters chosen for this network's maps (stored with its weights)
         self.fit_options = dict(self.meta.get("fit") or {})
+        self.landmark_offset = landmark_offset(self.meta, self.path)
         self.precision = "fp32"
         self.flip = bool(flip)
 

@@ -168,7 +168,7 @@ def calibration_crops(root, n: int = 64, input_size: int = 128, holdout: int = 1
     from ectfast.nets import data as D
     from ectfast.nets.train import split_holdout
 
-    faces = D.load_crops(root, TRAIN_SUBSETS)
+    faces = D.load_crops(root, TRAIN_SUBSETS, D.STORED_SIZE_FULL)  # at the 256 frame's resolution
     _, held = split_holdout(faces, holdout, seed)
     if not 1 <= n <= len(held):
         raise ValueError(f"n: expected 1..{len(held)} calibration faces, got {n}")
@@ -179,26 +179,42 @@ def calibration_crops(root, n: int = 64, input_size: int = 128, holdout: int = 1
 
 
 def float_convolutions(proto) -> list:
-    """The convolutions the int8 model keeps in float: the first one (it reads the image; in int8
-    it cost 0.16 pp of held-out NME, 3.40 against 3.24 % for ECT) and those that write the
-    response maps: the convolutions a graph output is computed from without passing another
-    convolution (for ``lite64`` the 32-px fusion maps, upsampled, plus the 64-px head's
-    residual)."""
-    convs = [n.name for n in proto.graph.node if n.op_type == "Conv"]
+    """The convolutions the int8 model keeps in float: those that read the image (the
+    convolutions the graph input reaches without passing another convolution: the first one, and
+    for ``lite-hr`` also its high-resolution branch's; in int8 the first cost 0.16 pp of held-out
+    NME, 3.40 against 3.24 % for ECT) and those that write the response maps (the convolutions a
+    graph output is computed from without passing another convolution; for ``lite64`` the 32-px
+    fusion maps, upsampled, plus the 64-px head's residual). In graph order."""
     producer = {t: n for n in proto.graph.node for t in n.output}
-    maps, seen = set(), set()
-    todo = [o.name for o in proto.graph.output]
-    while todo:  # from the outputs back through non-convolution nodes (Add, Resize, ...)
-        t = todo.pop()
-        n = producer.get(t)
-        if n is None or t in seen:
-            continue
-        seen.add(t)
-        if n.op_type == "Conv":
-            maps.add(n.name)
-        else:
-            todo.extend(n.input)
-    return [convs[0]] + [c for c in convs[1:] if c in maps]
+    consumers = {}
+    for n in proto.graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+
+    def frontier(tensors, step):
+        """Names of the convolutions reached from ``tensors`` through non-convolution nodes."""
+        found, seen, todo = set(), set(), list(tensors)
+        while todo:
+            t = todo.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            for n in step(t):
+                if n.op_type == "Conv":
+                    found.add(n.name)
+                else:
+                    todo.extend(n.output if step is next_nodes else n.input)
+        return found
+
+    def next_nodes(t):
+        return consumers.get(t, [])
+
+    def previous_nodes(t):
+        return [producer[t]] if t in producer else []
+
+    keep = (frontier([i.name for i in proto.graph.input], next_nodes)
+            | frontier([o.name for o in proto.graph.output], previous_nodes))
+    return [n.name for n in proto.graph.node if n.op_type == "Conv" and n.name in keep]
 
 
 def quantize_int8(src, out, crops: np.ndarray, batch: int = 16, calibration: str = "") -> dict:

@@ -10,7 +10,7 @@ from ectfast.core.synthetic import TARGET_SIGMA_256, peak_scale
 
 LOSSES = ("l2", "awing")
 #: heatmap loss per architecture when --loss is not given
-DEFAULT_LOSS = {"lite": "awing", "lite64": "awing", "paper": "l2"}
+DEFAULT_LOSS = {"lite": "awing", "lite64": "awing", "lite-hr": "awing", "paper": "l2"}
 
 
 def _awing_terms(y, d, alpha, omega, eps, theta):

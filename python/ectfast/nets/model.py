@@ -7,6 +7,7 @@ arch        input       maps         parameters  GFLOP/face  use
 ==========  ==========  ===========  ==========  ==========  =======================================
 ``lite``    128 x 128   32 x 32      0.68 M      0.64        the default; ships in the package
 ``lite64``  128 x 128   64 x 64      0.70 M      0.81        ``lite`` + a 64-px refinement head
+``lite-hr`` 256 x 256   32 x 32      0.68 M      0.69        ``lite`` reading the full 256 crop
 ``paper``   256 x 256   64 x 64 (+   10.0 M      93          the paper's FCN, for GPU users
                         256 x 256)
 ==========  ==========  ===========  ==========  ==========  =======================================
@@ -16,7 +17,9 @@ arch        input       maps         parameters  GFLOP/face  use
 averaged 2 x 2 to 128 x 128, and its 32 x 32 maps are fitted with ``ectfast.fit(...,
 upsample=8)`` (map pixel ``i`` sits at ``8 i + 3.5`` of the 256 frame), so the fit's patch sizes,
 rho and the target scale of Eq. 15 are the paper's. The 64 x 64 maps of ``lite64`` and the
-paper FCN use ``upsample=4`` (map pixel ``i`` at ``4 i + 1.5``).
+paper FCN use ``upsample=4`` (map pixel ``i`` at ``4 i + 1.5``). ``lite-hr`` sees the 256 x 256
+crop itself (a high-resolution branch beside the averaged input, :class:`LiteUNetHR`) and gives
+32 x 32 maps like ``lite``.
 
 The lite network (:class:`LiteUNet`) keeps the paper's ideas in a CPU-sized form: a PrimaryNet
 (a U-Net of dense 3 x 3 convolutions, 128 -> 8 px and back to 32 px, with depthwise-separable
@@ -287,7 +290,7 @@ class LiteUNet(nn.Module):
         """(64-px encoder features, primary maps, FusionNet features before its 1x1 output)."""
         _check_input(x, 16)
         x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-        f64 = self.enc64(x)
+        f64 = self.stem(x)
         f32 = self.enc32(f64)
         f16 = self.enc16(f32)
         f8 = self.enc8(f16)
@@ -296,9 +299,38 @@ class LiteUNet(nn.Module):
         primary = self.primary_out(d32)
         return f64, primary, self.fusion(self.fuse_in(torch.cat([d32, primary], 1)))
 
+    def stem(self, x):
+        """The 64-px encoder features of the normalised input."""
+        return self.enc64(x)
+
     def forward(self, x):
         _, primary, feat = self.trunk(x)
         return primary, self.fusion_out(feat)
+
+
+class LiteUNetHR(LiteUNet):
+    """``lite-hr``: :class:`LiteUNet` reading the full 256 x 256 crop instead of its 2 x 2
+    average. The stem's first convolution still sees the averaged 128 x 128 image; a
+    high-resolution branch (3 x 3 stride-2 convolution to ``hr`` channels at 128 px, BN + ReLU,
+    then a 3 x 3 stride-2 convolution to the stem's channels at 64 px) adds its output to that
+    convolution's before the stem's BatchNorm. The branch's last convolution starts at zero, so a
+    network initialised from trained ``lite`` weights (``ectfast train --init FILE``) starts as
+    that network. Same 32 x 32 maps (``upsample=8``). ``forward(x)`` -> (primary32, fusion32)."""
+
+    def __init__(self, n_landmarks: int = N_LANDMARKS, c=(32, 64, 96, 128), width: int = 64, hr: int = 16):
+        super().__init__(n_landmarks, c, width)
+        self.hr_in = conv_bn(3, hr, 3, 2)
+        self.hr_out = nn.Conv2d(hr, c[0], 3, 2, 1, bias=False)
+        nn.init.kaiming_normal_(self.hr_in[0].weight, nonlinearity="relu")
+        nn.init.zeros_(self.hr_out.weight)  # starts as the lite network exactly
+
+    def stem(self, x):
+        _check_input(x, 32)
+        conv, *bn_act = self.enc64[0]
+        first = conv(F.avg_pool2d(x, 2)) + self.hr_out(self.hr_in(x))
+        for m in bn_act:
+            first = m(first)
+        return self.enc64[1:](first)
 
 
 class LiteUNet64(LiteUNet):
@@ -329,7 +361,7 @@ class LiteUNet64(LiteUNet):
 
 #: architecture name -> (class, input size, output-layer weight key); "lite" ships
 ARCHS = {"paper": (FCN, 256, "fusion.fuse2.weight"), "lite": (LiteUNet, 128, "fusion_out.weight"),
-         "lite64": (LiteUNet64, 128, "head_out.weight")}
+         "lite64": (LiteUNet64, 128, "head_out.weight"), "lite-hr": (LiteUNetHR, 256, "fusion_out.weight")}
 DEFAULT_ARCH = "lite"
 
 

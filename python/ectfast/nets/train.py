@@ -3,7 +3,9 @@
 
 Architectures (``--arch``, ``ectfast.nets.model``): ``lite`` (default, 128 x 128 in, 32 x 32
 maps), ``lite64`` (``lite`` + a 64-px refinement head, 64 x 64 maps; ``--init`` with trained
-``lite`` weights starts it as that network) and ``paper`` (the 93 GFLOP FCN). Landmarks and
+``lite`` weights starts it as that network), ``lite-hr`` (``lite`` reading the 256 x 256 crop
+itself through a high-resolution stem branch; train it on ``--stored-size 352`` crops, which
+keep the 256 frame's resolution) and ``paper`` (the 93 GFLOP FCN). Landmarks and
 targets live in the fit's 256 frame: training crops are warped at 256 (``warp_torch``) and
 averaged 2 x 2 to the lite net's 128 input, exactly as the detector resizes its 256 crops;
 every network output gets a target at its own resolution (``data.target_maps_torch``: sigma 6
@@ -76,7 +78,7 @@ from ectfast.core.peaks import subpixel_peaks
 RUN_KEYS = ("arch", "loss", "epochs", "batch_size", "lr", "weight_decay", "seed", "input_size", "warmup",
             "n_train", "holdout", "ema")
 DEFAULTS = dict(arch="lite", loss=None, epochs=60, batch_size=32, lr=2e-3, weight_decay=1e-4, seed=0,
-                input_size=None, warmup=0.03, clip=5.0, holdout=150, ema=0.998)
+                input_size=None, warmup=0.03, clip=5.0, holdout=150, ema=0.998, stored_size=D.STORED_SIZE)
 FRAME = D.INPUT_SIZE  # the fit's frame: landmarks and targets are placed in the 256 crop
 
 
@@ -232,7 +234,7 @@ class Trainer:
 
     def init_from(self, path) -> int:
         """Initialise a fresh run from a weights file (``--init``): every tensor whose name and
-        shape match the network's is copied (a ``lite`` network into ``lite64``); the rest keep
+        shape match the network's is copied (a ``lite`` network into ``lite64`` or ``lite-hr``); the rest keep
         their initialisation. Returns the number of tensors copied."""
         blob = read_weights(path)
         own = self.model.state_dict()
@@ -522,7 +524,7 @@ def train(data=None, out="runs/fcn", *, arch=None, loss=None, holdout=None, minu
           weight_decay=None, seed=None, input_size=None, warmup=None, clip=None, ema=None, max_minutes=None,
           max_steps=None, resume=False, device=None, amp="auto", channels_last="auto",
           compile_model=False, ckpt_every=500, val_every=None, log_every=10, limit=None,
-          augment=True, progress=True, export_weights=None, workers=4, init=None,
+          augment=True, progress=True, export_weights=None, workers=4, init=None, stored_size=None,
           train_set: Optional[D.CropSet] = None, val_set: Optional[D.CropSet] = None) -> dict:
     """Train (or resume) the FCN; returns a summary dict. Data: ``packed`` (a file from
     ``python -m ectfast.cli.pack``), else ``data`` (a 300-W root: TRAIN_SUBSETS for training,
@@ -537,6 +539,7 @@ def train(data=None, out="runs/fcn", *, arch=None, loss=None, holdout=None, minu
     cfg = {k: _resolve(v, k, saved_cfg) for k, v in dict(
         arch=arch, loss=loss, holdout=holdout, epochs=epochs, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, seed=seed, input_size=input_size, warmup=warmup, clip=clip, ema=ema).items()}
+    stored_size = int(_resolve(stored_size, "stored_size", saved_cfg))  # of the crops read from ``data``
     if not 0.0 <= float(cfg["ema"]) < 1.0:
         raise ValueError(f"ema: expected a decay in [0, 1) (0 = no moving average), got {cfg['ema']!r}")
     if saved_cfg and saved_cfg.get("total_steps"):
@@ -563,9 +566,10 @@ def train(data=None, out="runs/fcn", *, arch=None, loss=None, holdout=None, minu
             val_set = None
         desc = f"packed:{os.path.basename(os.fspath(packed))}"
     elif data is not None:
-        train_set = D.load_crops(data, TRAIN_SUBSETS, limit=limit, workers=workers, progress=progress)
+        train_set = D.load_crops(data, TRAIN_SUBSETS, stored_size, limit=limit, workers=workers, progress=progress)
         try:
-            val_set = D.load_crops(data, VALIDATION_SUBSETS, limit=limit, workers=workers, progress=progress)
+            val_set = D.load_crops(data, VALIDATION_SUBSETS, stored_size, limit=limit, workers=workers,
+                                   progress=progress)
         except ValueError:
             val_set = None
         desc = f"folder:{os.path.basename(os.path.normpath(os.fspath(data)))}"
