@@ -341,12 +341,67 @@ def test_cold_light_resume_tracks_best_of_this_call(pdm, tmp_path):
     assert meta["best_step"] == 4 and meta["val_nme_interocular_subpixel"] == s2["best_nme"]
 
 
+def test_flip_keeps_the_labels_offset_from_the_content():
+    """Labels d original-image px right of the content (a crop of pixel scale s): with
+    flip_label_shift every augmented sample's label sits d s k along the augmented image's x axis
+    (k, theta: the warp's scale and rotation) from the content, flipped or not; without it a
+    flipped sample's label sits on the other side. The content is found in the warped image."""
+    S, size, s, d = 96, 64, 0.75, 1.2
+    yy, xx = np.mgrid[0:S, 0:S]
+    c = np.array([44.3, 50.7])
+    img = np.exp(-((xx - c[0]) ** 2 + (yy - c[1]) ** 2) / (2 * 2.5 ** 2)).astype(np.float32)
+    B = 8
+    A, flips, _ = D.sample_augmentation(np.random.default_rng(4), B, D.AugmentConfig(), S, D.CONTEXT, size)
+    assert flips.any() and not flips.all()
+    w = D.warp_torch(torch.from_numpy(img)[None, None].repeat(B, 3, 1, 1), A, size)[:, 0].numpy()
+    gy, gx = np.mgrid[0:size, 0:size]
+    content = np.stack([(w * gx).sum((1, 2)) / w.sum((1, 2)), (w * gy).sum((1, 2)) / w.sum((1, 2))], 1)
+    labels = np.repeat((c + [d * s, 0.0])[None, None], B, 0).repeat(68, 1)  # all 68 at one point
+    plain, _ = D.augment_landmarks(A, flips, labels)
+    kept = plain.copy()
+    kept[:, :, 0] += D.flip_label_shift(A, flips, np.full(B, s), d)[:, None]
+    sign = np.where(flips, -1.0, 1.0)  # A's linear part is k R, or F k R when flipped (F = diag(-1, 1))
+    along_x = d * s * np.stack([sign * A[:, 0, 0], A[:, 1, 0]], 1)  # d s k (cos theta, sin theta)
+    np.testing.assert_allclose(kept[:, 0] - content, along_x, atol=0.02)
+    np.testing.assert_allclose(plain[~flips, 0] - content[~flips], along_x[~flips], atol=0.02)
+    assert (np.sign(plain[flips, 0, 0] - content[flips, 0]) == -np.sign(along_x[flips, 0])).all()
+    assert np.abs(along_x[:, 0]).min() > 0.5 * d * s * size / S
+
+
+def test_trainer_keeps_the_label_offset_through_flips(pdm, tmp_path):
+    cs = synthetic_crops(pdm)
+    with pytest.raises(ValueError, match="label_offset_x: needs the crops' pixel scale"):
+        _trainer(pdm, tmp_path / "a", augment=True, label_offset_x=1.0)
+    with pytest.raises(ValueError, match="label_offset_x: expected"):
+        _trainer(pdm, tmp_path / "b", augment=True, label_offset_x=float("nan"))
+    from ectfast.nets.train import Trainer
+
+    cs.pixel_scale = np.linspace(0.5, 2.0, len(cs))
+    args = dict(arch="paper", loss=None, epochs=3, batch_size=4, lr=1e-3, weight_decay=1e-4, seed=0, input_size=32,
+                warmup=0.1, clip=5.0, device="cpu", amp="none", channels_last=False, compile_model=False,
+                ckpt_every=0, val_every=None, log_every=1, progress=False, augment=True, data_desc="synthetic")
+    lm = {}
+    for off in (0.0, 1.5):
+        t = Trainer(cs, None, str(tmp_path / f"r{off}"), label_offset_x=off, **args)
+        assert t.cfg["label_offset_x"] == off
+        lm[off] = t.batch(0)[1]
+    diff = lm[1.5] - lm[0.0]
+    moved = np.abs(diff[:, :, 0]).max(1) > 1e-9
+    assert moved.any() and not moved.all() and not diff[:, :, 1].any()
+    assert np.allclose(diff[:, :, 0], diff[:, :1, 0])  # one shift per sample
+
+
 def test_cli_train_on_packed_data_and_export(pdm, tmp_path):
     from ectfast.cli import main
 
     packed = str(tmp_path / "p.npz")
-    size = D.pack(packed, synthetic_crops(pdm), synthetic_crops(pdm, 4, seed=1), quality=95)
+    train_crops = synthetic_crops(pdm)
+    train_crops.pixel_scale = np.linspace(0.5, 2.0, len(train_crops))
+    size = D.pack(packed, train_crops, synthetic_crops(pdm, 4, seed=1), quality=95)
     back = D.load_packed(packed, "train")
+    np.testing.assert_array_equal(back.pixel_scale, train_crops.pixel_scale)
+    np.testing.assert_array_equal(back.subset([1, 3]).pixel_scale, train_crops.pixel_scale[[1, 3]])
+    assert D.load_packed(packed, "val").pixel_scale is None
     np.testing.assert_array_equal(back.landmarks, synthetic_crops(pdm).landmarks)
     assert np.abs(back.images.astype(int) - synthetic_crops(pdm).images).mean() < 4
     assert len(D.load_packed(packed, "val")) == 4 and size == os.path.getsize(packed)

@@ -49,6 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="use only the first N faces of each split")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--workers", type=int, default=4, help="decoding threads")
+    p.add_argument("--label-offset-x", type=float, default=None, metavar="PX",
+                   help="the labels' offset to the right of the image content, in original-image pixels, kept "
+                        "through flip augmentation (default 0: flips mirror the labels as they are; 300-W's "
+                        "measured offset is ~1, see ectfast.nets.data.flip_label_shift)")
     p.add_argument("--stored-size", type=int, default=None,
                    help=f"side of the stored margin crops read from --data (default {STORED_SIZE}, or the "
                         f"run's own when resuming: 213 px "
@@ -71,7 +75,8 @@ def run(args) -> int:
                   val_every=args.val_every, log_every=args.log_every, limit=args.limit,
                   augment=not args.no_augment,
                   progress=False if args.quiet else ("lines" if args.log_lines else True), export_weights=args.export_weights,
-                  workers=args.workers, init=args.init, stored_size=args.stored_size)
+                  workers=args.workers, init=args.init, stored_size=args.stored_size,
+                  label_offset_x=args.label_offset_x)
     except (ValueError, FileNotFoundError) as e:
         print(f"ectfast train: {e}", file=sys.stderr)
         return 2

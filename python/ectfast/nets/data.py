@@ -266,6 +266,21 @@ def augment_landmarks(A, flips, landmarks, visible=None):
     return lm, vis
 
 
+def flip_label_shift(A, flips, pixel_scale, label_offset_x: float) -> np.ndarray:
+    """(B,) x-shifts (input pixels) that keep a labelling convention through a flip: labels that
+    sit ``label_offset_x`` original-image pixels to the right of the image content (300-W's sit
+    about 1 px right of where a flip-trained network puts them: ``ectfast.nets.engine.landmark_offset``).
+    A flip mirrors image and labels alike, which would put a flipped sample's labels that far to
+    the *left* of the content: the network then learns the offset with both signs and it averages
+    out. Shifting each flipped sample's labels by ``-2 d A[0, 0]`` (d = label_offset_x x the
+    crop's ``pixel_scale``; ``A[0, 0]`` = -k cos(theta) for a flipped affine of scale k, rotation
+    theta) puts them ``d`` to the right of the content along the augmented image's x axis, as in
+    an unflipped sample. Zero for unflipped samples."""
+    A = np.asarray(A, np.float64)
+    d = float(label_offset_x) * np.asarray(pixel_scale, np.float64)
+    return np.where(np.asarray(flips, bool), -2.0 * d * A[:, 0, 0], 0.0)
+
+
 def affine_theta(A, in_size: int, out_size: int):
     """affine_grid's theta (B, 2, 3) (align_corners=False) for pixel maps A (B, 2, 3) in -> out."""
     A = np.asarray(A, np.float64)
@@ -362,13 +377,16 @@ def occlude_and_degrade(x, landmarks, visible, rng: np.random.Generator, cfg: De
 @dataclass
 class CropSet:
     """Decoded margin crops: images (N, S, S, 3) uint8 RGB, landmarks (N, n, 2) float32 in
-    stored-crop pixels, visible (N, n) bool, names (N,) str."""
+    stored-crop pixels, visible (N, n) bool, names (N,) str, and pixel_scale (N,) float (stored-crop
+    pixels per pixel of the face's original image; None where unknown: packed files written
+    before it existed)."""
     images: np.ndarray
     landmarks: np.ndarray
     visible: np.ndarray
     names: np.ndarray
     stored_size: int = STORED_SIZE
     context: float = CONTEXT
+    pixel_scale: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -376,7 +394,8 @@ class CropSet:
     def subset(self, idx) -> "CropSet":
         idx = np.asarray(idx)
         return CropSet(self.images[idx], self.landmarks[idx], self.visible[idx], self.names[idx],
-                       self.stored_size, self.context)
+                       self.stored_size, self.context,
+                       None if self.pixel_scale is None else self.pixel_scale[idx])
 
 
 def margin_crop(image, landmarks, stored_size: int = STORED_SIZE, context: float = CONTEXT,
@@ -392,8 +411,8 @@ def _load_one(args):
     lm = read_pts(pts_path)
     if lm.shape != (N_LANDMARKS, 2):
         raise ValueError(f"{pts_path}: expected {N_LANDMARKS} points, got {lm.shape[0]}")
-    crop, lm2, _ = margin_crop(np.ascontiguousarray(load_image(image_path)[..., ::-1]), lm, stored_size, context)  # BGR -> RGB
-    return crop, lm2.astype(np.float32)
+    crop, lm2, A = margin_crop(np.ascontiguousarray(load_image(image_path)[..., ::-1]), lm, stored_size, context)  # BGR -> RGB
+    return crop, lm2.astype(np.float32), float(A[0, 0])
 
 
 def list_faces(root, subsets: Sequence[str]) -> List[Tuple[str, str]]:
@@ -428,7 +447,8 @@ def load_crops(root, subsets: Sequence[str] = TRAIN_SUBSETS, stored_size: int = 
         res = list(it)
     names = np.array([os.path.relpath(p, os.fspath(root))[:-4] for _, p in faces])
     return CropSet(np.stack([r[0] for r in res]), np.stack([r[1] for r in res]),
-                   np.ones((len(res), N_LANDMARKS), bool), names, stored_size, context)
+                   np.ones((len(res), N_LANDMARKS), bool), names, stored_size, context,
+                   np.array([r[2] for r in res]))
 
 
 def pack(path, train: CropSet, val: Optional[CropSet] = None, quality: int = 85) -> int:
@@ -452,6 +472,8 @@ def pack(path, train: CropSet, val: Optional[CropSet] = None, quality: int = 85)
         arrays[f"{split}_landmarks"] = cs.landmarks.astype(np.float32)
         arrays[f"{split}_visible"] = cs.visible.astype(bool)
         arrays[f"{split}_names"] = cs.names.astype(str)
+        if cs.pixel_scale is not None:
+            arrays[f"{split}_pixel_scale"] = np.asarray(cs.pixel_scale, np.float64)
     path = os.fspath(path)
     tmp = path + ".tmp.npz"
     np.savez(tmp, **arrays)
@@ -494,4 +516,5 @@ def load_packed(path, split: str = "train", workers: int = 8) -> CropSet:
     with ThreadPoolExecutor(max(1, workers)) as ex:
         imgs = list(ex.map(lambda i: _decode_jpeg(buf[off[i]:off[i + 1]]), range(len(off) - 1)))
     return CropSet(np.stack(imgs), z[f"{split}_landmarks"], z[f"{split}_visible"], z[f"{split}_names"],
-                   int(z["stored_size"]), float(z["context"]))
+                   int(z["stored_size"]), float(z["context"]),
+                   z[f"{split}_pixel_scale"] if f"{split}_pixel_scale" in z.files else None)

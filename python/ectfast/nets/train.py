@@ -76,9 +76,10 @@ from ectfast.core.peaks import subpixel_peaks
 
 #: settings that fix the run's data order and schedule: a resume must keep them
 RUN_KEYS = ("arch", "loss", "epochs", "batch_size", "lr", "weight_decay", "seed", "input_size", "warmup",
-            "n_train", "holdout", "ema")
+            "n_train", "holdout", "ema", "label_offset_x")
 DEFAULTS = dict(arch="lite", loss=None, epochs=60, batch_size=32, lr=2e-3, weight_decay=1e-4, seed=0,
-                input_size=None, warmup=0.03, clip=5.0, holdout=150, ema=0.998, stored_size=D.STORED_SIZE)
+                input_size=None, warmup=0.03, clip=5.0, holdout=150, ema=0.998, stored_size=D.STORED_SIZE,
+                label_offset_x=0.0)
 FRAME = D.INPUT_SIZE  # the fit's frame: landmarks and targets are placed in the 256 crop
 
 
@@ -114,8 +115,13 @@ class Trainer:
     def __init__(self, train_set: D.CropSet, val_set: Optional[D.CropSet], out: str, *, arch, loss, epochs,
                  batch_size, lr, weight_decay, seed, input_size, warmup, clip, device, amp, channels_last,
                  compile_model, ckpt_every, val_every, log_every, progress, augment, data_desc, holdout=0,
-                 ema=0.0, total_steps=None):
+                 ema=0.0, total_steps=None, label_offset_x=0.0):
         native = netmod.input_size(arch)
+        if not (np.isfinite(label_offset_x) and abs(label_offset_x) <= 8):
+            raise ValueError(f"label_offset_x: expected image pixels in [-8, 8], got {label_offset_x!r}")
+        if label_offset_x and augment and train_set.pixel_scale is None:
+            raise ValueError("label_offset_x: needs the crops' pixel scale (crops read with --data, or packed "
+                             "by `python -m ectfast.cli.pack` since the scale was added)")
         input_size = native if input_size is None else int(input_size)
         if len(train_set) < batch_size:
             raise ValueError(f"batch_size: {batch_size} is larger than the training set ({len(train_set)} faces)")
@@ -129,7 +135,8 @@ class Trainer:
         self.cfg = dict(arch=arch, loss=loss, epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
                         weight_decay=float(weight_decay), seed=int(seed), input_size=input_size,
                         warmup=float(warmup), clip=float(clip) if clip else 0.0, n_train=len(train_set),
-                        holdout=int(holdout), ema=float(ema), stored_size=train_set.stored_size,
+                        holdout=int(holdout), ema=float(ema), label_offset_x=float(label_offset_x),
+                        stored_size=train_set.stored_size,
                         context=train_set.context,
                         augment=bool(augment), data=data_desc)
         #: the crop the landmarks and targets live in: 256 at the native input size (the fit's frame)
@@ -291,6 +298,8 @@ class Trainer:
             flips, colour = np.zeros(B, bool), None
         x = D.warp_torch(self.images[torch.as_tensor(idx, device=self.device)], A, frame, colour)
         lm, vis = D.augment_landmarks(A, flips, ts.landmarks[idx], ts.visible[idx])
+        if self.cfg["label_offset_x"] and self.augment_cfg is not None:  # the labels' convention survives flips
+            lm[:, :, 0] += D.flip_label_shift(A, flips, ts.pixel_scale[idx], self.cfg["label_offset_x"])[:, None]
         if self.augment_cfg is not None:
             x, vis = D.occlude_and_degrade(x, lm, vis, rng)
         return self._input(x), lm, vis
@@ -522,7 +531,7 @@ def split_holdout(cs: D.CropSet, n: int, seed: int):
 def train(data=None, out="runs/fcn", *, arch=None, loss=None, holdout=None, minutes=None, threads=None,
           packed=None, epochs=None, batch_size=None, lr=None,
           weight_decay=None, seed=None, input_size=None, warmup=None, clip=None, ema=None, max_minutes=None,
-          max_steps=None, resume=False, device=None, amp="auto", channels_last="auto",
+          max_steps=None, resume=False, device=None, amp="auto", channels_last="auto", label_offset_x=None,
           compile_model=False, ckpt_every=500, val_every=None, log_every=10, limit=None,
           augment=True, progress=True, export_weights=None, workers=4, init=None, stored_size=None,
           train_set: Optional[D.CropSet] = None, val_set: Optional[D.CropSet] = None) -> dict:
@@ -538,7 +547,8 @@ def train(data=None, out="runs/fcn", *, arch=None, loss=None, holdout=None, minu
         raise ValueError(f"out: {out!r} already holds a checkpoint; pass resume=True (--resume) or another --out")
     cfg = {k: _resolve(v, k, saved_cfg) for k, v in dict(
         arch=arch, loss=loss, holdout=holdout, epochs=epochs, batch_size=batch_size, lr=lr,
-        weight_decay=weight_decay, seed=seed, input_size=input_size, warmup=warmup, clip=clip, ema=ema).items()}
+        weight_decay=weight_decay, seed=seed, input_size=input_size, warmup=warmup, clip=clip, ema=ema,
+        label_offset_x=label_offset_x).items()}
     stored_size = int(_resolve(stored_size, "stored_size", saved_cfg))  # of the crops read from ``data``
     if not 0.0 <= float(cfg["ema"]) < 1.0:
         raise ValueError(f"ema: expected a decay in [0, 1) (0 = no moving average), got {cfg['ema']!r}")
