@@ -72,12 +72,7 @@ def run_pipeline(estimator: Callable, crops_bgr: Sequence[np.ndarray], Ms: np.nd
     from ectfast.core.fit import fit
 
     offset = getattr(estimator, "landmark_offset", None)
-    try:
-        offset = np.zeros(2) if offset is None else np.asarray(offset, dtype=np.float64)
-    except (TypeError, ValueError):
-        offset = np.zeros(0)
-    if offset.shape != (2,) or not np.isfinite(offset).all():
-        raise ValueError(f"estimator: landmark_offset must be two finite image-pixel numbers (dx, dy), got {offset!r}")
+    offset = np.zeros(2) if offset is None else E.check_offset(offset, "estimator: landmark_offset")
     k = len(crops_bgr)
     out = {m: {"crop_landmarks": [], "confidence": [], "visible": []} for m in methods}
     keep_on_device = backend == "cuda" or (backend == "auto" and "cuda" in _dispatch.backends())

@@ -169,15 +169,18 @@ def landmark_offset(meta, source="weights") -> np.ndarray:
     held-out training faces in their image pixels and stores it with the weights
     (bench/RESULTS.md, "Lite network")."""
     v = (meta or {}).get("landmark_offset")
-    if v is None:
-        return np.zeros(2)
+    return np.zeros(2) if v is None else check_offset(v, f"{source}: landmark_offset in the metadata")
+
+
+def check_offset(value, what: str) -> np.ndarray:
+    """``value`` as float64 (2,): two finite numbers of at most 8 image pixels, else ValueError
+    naming ``what``."""
     try:
-        off = np.asarray(v, dtype=np.float64)
+        off = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
         off = np.zeros(0)
     if off.shape != (2,) or not np.isfinite(off).all() or (np.abs(off) > 8).any():
-        raise ValueError(f"{source}: landmark_offset in the metadata must be two finite numbers (dx, dy) of at "
-                         f"most 8 image pixels, got {v!r}")
+        raise ValueError(f"{what}: expected two finite numbers (dx, dy) of at most 8 image pixels, got {value!r}")
     return off
 
 
