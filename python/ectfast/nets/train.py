@@ -24,7 +24,10 @@ bench/RESULTS.md).
 Augmentation: the paper's (flip with the 68-point mirror, random 248 crop, rotation +-30 deg),
 face-box jitter (shift +-8 %, scale 0.88-1.12, the face detector's box noise), colour; then
 (``data.occlude_and_degrade``) synthetic occluders whose covered landmarks get all-zero targets
-(Eq. 15's confidence learns occlusion), blur, grey and noise.
+(Eq. 15's confidence learns occlusion), blur, grey and noise. ``--label-offset-x PX``: the
+labels sit PX original-image pixels right of the image content (300-W: ~1, measured); each
+flipped sample's labels are shifted (``data.flip_label_shift``) so that the flip keeps that
+convention instead of teaching it with the opposite sign (bench/RESULTS.md, "landmark offset").
 
 Measured on the 2-core AVX2 CPU of this project (1 torch thread): bf16 autocast is 5-9x
 *slower* than fp32 there (no native bf16), channels_last is 1.4x faster; so CPU training
