@@ -5,9 +5,9 @@ PyTorch; ``import ectfast`` does not import this module. Chosen by name (:func:`
 ==========  ==========  ===========  ==========  ==========  =======================================
 arch        input       maps         parameters  GFLOP/face  use
 ==========  ==========  ===========  ==========  ==========  =======================================
-``lite``    128 x 128   32 x 32      0.68 M      0.64        the default; ships in the package
+``lite``    128 x 128   32 x 32      0.68 M      0.64        ``ectfast train``'s default
 ``lite64``  128 x 128   64 x 64      0.70 M      0.81        ``lite`` + a 64-px refinement head
-``lite-hr`` 256 x 256   32 x 32      0.68 M      0.69        ``lite`` reading the full 256 crop
+``lite-hr`` 256 x 256   32 x 32      0.68 M      0.69        ``lite`` reading the full 256 crop; ships
 ``paper``   256 x 256   64 x 64 (+   10.0 M      93          the paper's FCN, for GPU users
                         256 x 256)
 ==========  ==========  ===========  ==========  ==========  =======================================
@@ -359,7 +359,8 @@ class LiteUNet64(LiteUNet):
         return primary, _up2(self.fusion_out(feat)) + self.head_out(h)
 
 
-#: architecture name -> (class, input size, output-layer weight key); "lite" ships
+#: architecture name -> (class, input size, output-layer weight key); "lite-hr" ships, "lite" is the
+#: training default
 ARCHS = {"paper": (FCN, 256, "fusion.fuse2.weight"), "lite": (LiteUNet, 128, "fusion_out.weight"),
          "lite64": (LiteUNet64, 128, "head_out.weight"), "lite-hr": (LiteUNetHR, 256, "fusion_out.weight")}
 DEFAULT_ARCH = "lite"
