@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -94,6 +95,19 @@ def test_landmark_offset_comes_from_the_weights_metadata(net_files, tmp_path):
     assert cli.main(["export-onnx", "--weights", str(off_pt), "--out", str(tmp_path / "off.onnx")]) == 0
     for est in (E.TorchEstimator(off_pt, device="cpu"), E.OnnxEstimator(tmp_path / "off.onnx")):
         assert est.landmark_offset.tolist() == [0.97, 0.02]
+    # test-time flip averages out a label offset the network learned (--label-offset-x): a warning
+    lo_pt = tmp_path / "lo.pt"
+    model.save_weights(blob["state_dict"], lo_pt, meta={**blob["meta"], "arch": blob["arch"], "label_offset_x": 1.0})
+    assert cli.main(["export-onnx", "--weights", str(lo_pt), "--out", str(tmp_path / "lo.onnx")]) == 0
+    for make in (lambda f: E.TorchEstimator(lo_pt, device="cpu", flip=f), lambda f: E.OnnxEstimator(tmp_path / "lo.onnx", flip=f)):
+        with pytest.warns(UserWarning, match="test-time flip averages out this network's learned label offset"):
+            assert make(True).flip is True
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert make(False).flip is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert E.TorchEstimator(off_pt, device="cpu", flip=True).flip is True  # no label offset: no warning
     for bad in ([1.0], [1.0, float("inf")], "ab", [20.0, 0.0], {"x": 1}):
         with pytest.raises(ValueError, match="w.pt: landmark_offset"):
             E.landmark_offset({"landmark_offset": bad}, "w.pt")

@@ -307,6 +307,7 @@ def test_weights_moving_average_is_validated_and_exported(pdm, tmp_path):
     assert torch.equal(best["fusion_out.weight"], ema["fusion_out.weight"])
     sha = t.export(str(tmp_path / "w.pt"))
     assert sha == read_weights(str(tmp_path / "w.pt"))["sha256"]
+    assert read_weights(str(tmp_path / "w.pt"))["meta"]["label_offset_x"] == 0.0  # what check_flip reads
     shipped = read_weights(str(tmp_path / "w.pt"))["state_dict"]["fusion_out.weight"].float()
     np.testing.assert_allclose(shipped.numpy(), ema["fusion_out.weight"].numpy(), atol=1e-3)  # fp16
     # no average with ema = 0; a decay outside [0, 1) is refused by name

@@ -498,7 +498,7 @@ class Trainer:
         meta = {"arch": self.cfg["arch"], "loss": self.cfg["loss"], "n_train": self.cfg["n_train"],
                 "holdout": self.cfg["holdout"], "epochs": self.cfg["epochs"], "step": self.step,
                 "total_steps": self.total_steps, "input_size": self.cfg["input_size"],
-                "data": self.cfg["data"]}
+                "data": self.cfg["data"], "label_offset_x": self.cfg["label_offset_x"]}
         if os.path.isfile(best):
             ck = torch.load(best, map_location="cpu", weights_only=False)
             meta.update(val_nme_interocular_subpixel=ck["val_nme"], best_step=ck["step"])
