@@ -191,29 +191,28 @@ def float_convolutions(proto) -> list:
         for t in n.input:
             consumers.setdefault(t, []).append(n)
 
-    def frontier(tensors, step):
-        """Names of the convolutions reached from ``tensors`` through non-convolution nodes."""
+    def frontier(tensors, forward: bool):
+        """Names of the convolutions reached from ``tensors`` through non-convolution nodes,
+        towards the outputs (``forward``) or towards the input."""
         found, seen, todo = set(), set(), list(tensors)
         while todo:
             t = todo.pop()
             if t in seen:
                 continue
             seen.add(t)
-            for n in step(t):
+            if forward:
+                nodes = consumers.get(t, [])
+            else:
+                nodes = [producer[t]] if t in producer else []
+            for n in nodes:
                 if n.op_type == "Conv":
                     found.add(n.name)
                 else:
-                    todo.extend(n.output if step is next_nodes else n.input)
+                    todo.extend(n.output if forward else n.input)
         return found
 
-    def next_nodes(t):
-        return consumers.get(t, [])
-
-    def previous_nodes(t):
-        return [producer[t]] if t in producer else []
-
-    keep = (frontier([i.name for i in proto.graph.input], next_nodes)
-            | frontier([o.name for o in proto.graph.output], previous_nodes))
+    keep = (frontier([i.name for i in proto.graph.input], True)
+            | frontier([o.name for o in proto.graph.output], False))
     return [n.name for n in proto.graph.node if n.op_type == "Conv" and n.name in keep]
 
 
